@@ -1,0 +1,15 @@
+"""Prefect flows that run the stages. Offline, project-local Prefect settings are set here, before
+Prefect is imported, so they are part of the project rather than of anyone's shell."""
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+_PREFECT_DEFAULTS = {
+    "PREFECT_HOME": str(ROOT / ".neon" / "prefect"),
+    "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(ROOT / ".neon" / "prefect" / "results"),
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+    "PREFECT_LOGGING_LEVEL": "INFO",
+}
+for _key, _value in _PREFECT_DEFAULTS.items():
+    os.environ.setdefault(_key, _value)

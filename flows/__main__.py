@@ -1,0 +1,5 @@
+import sys
+
+from flows.stages import main
+
+sys.exit(main())

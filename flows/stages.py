@@ -1,0 +1,64 @@
+"""One Prefect flow per stage; `python -m flows STAGE` is the command each `dvc.yaml` stage runs.
+
+Params are validated before Prefect starts, so a bad `params.yaml` fails in a second with one line.
+Problems with the inputs (a corrupted checkpoint, a missing object) end the flow run as Failed with
+that one line as its message; anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import sys
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Failed
+
+from models.checkpoint import CheckpointError
+from models.merge import MergeError
+from stages import data, evaluate, fetch, finetune, merge, reference, sample, train
+from stages.common import StageError
+from stages.params import Params, ParamsError, load
+
+USER_ERRORS = (StageError, ParamsError, CheckpointError, MergeError, FileNotFoundError, ValueError)
+
+
+def task_step(name: str, fn, *args):
+    """Run a stage's sub-step as a Prefect task (visible, retried); its result cache is the stage's own."""
+    return task(fn, name=name, retries=1, cache_policy=NO_CACHE, persist_result=False)(*args)
+
+
+RUNNERS = {
+    "data": lambda p: data.run(p.data),
+    "reference": lambda p: reference.run(p.reference),
+    "train": lambda p: train.run(p.model, p.train, p.base),
+    "fetch": lambda p: fetch.run(p.base, p.model),
+    "sample": lambda p: sample.run(p.sample, p.model, step=task_step),
+    "finetune": lambda p: finetune.run(p.finetune, p.model),
+    "merge": lambda p: merge.run(p.merge),
+    "evaluate": lambda p: evaluate.run(p.evaluate, p.sample, p.model, step=task_step),
+}
+
+
+@flow(name="neon-stage", flow_run_name="{stage}", log_prints=True, persist_result=False)
+def stage_flow(stage: str, params: Params):
+    try:
+        manifest = RUNNERS[stage](params)
+    except USER_ERRORS as exc:
+        return Failed(message=f"{type(exc).__name__}: {exc}" if not isinstance(exc, StageError) else str(exc))
+    return {"artifact": manifest["artifact"], "digest": manifest["digest"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or argv[0] not in RUNNERS:
+        print(f"usage: python -m flows STAGE   (STAGE: {' | '.join(RUNNERS)})", file=sys.stderr)
+        return 2
+    try:
+        params = load()
+    except ParamsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    state = stage_flow(argv[0], params, return_state=True)
+    if state.is_failed():
+        print(f"error: {state.message}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,161 @@
+"""Artifacts: content digests, atomic outputs and the lineage manifest every artifact carries.
+
+An artifact is a directory under `artifacts/` holding its files and a `manifest.json`. A stage
+writes it into a temporary sibling and renames it into place only when complete, so a failed or
+killed stage never leaves an output that a rerun (or DVC) would trust.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+MANIFEST = "manifest.json"
+TRACKED_PACKAGES = ("torch", "numpy", "safetensors", "prefect", "dvc", "s3fs", "pydantic", "clean-fid", "mlxtend")
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def directory_digest(files: dict[str, str]) -> str:
+    """Digest of a directory from its files' relative names and digests (order-free)."""
+    return sha256_bytes("".join(f"{name}\0{digest}\n" for name, digest in sorted(files.items())).encode())
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path | str) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; it replaces `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def write_json(path: Path | str, obj: Any) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def code_version(root: Path | None = None) -> dict[str, Any]:
+    root = root or Path.cwd()
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", "models", "stages", "flows"))
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return {"git_commit": None, "dirty": None}
+    return {"git_commit": commit, "dirty": dirty}
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in TRACKED_PACKAGES:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[name] = metadata.version(name)
+    return out
+
+
+def read_manifest(artifact_dir: Path | str) -> dict[str, Any]:
+    path = Path(artifact_dir) / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: {artifact_dir} is not a complete artifact; rerun its stage")
+    return json.loads(path.read_text())
+
+
+def input_ref(artifact_dir: Path | str) -> dict[str, str]:
+    """How a manifest names an input: its path (relative to the project) and its digest."""
+    return {"path": Path(artifact_dir).as_posix(), "digest": read_manifest(artifact_dir)["digest"]}
+
+
+class ArtifactWriter:
+    """Collects a stage's output files in a staging directory, then publishes it with its manifest."""
+
+    def __init__(self, final_dir: Path, stage: str, params: dict[str, Any], inputs: dict[str, dict[str, Any]],
+                 device: str):
+        self.final_dir = Path(final_dir)
+        self.dir = Path(tempfile.mkdtemp(prefix=f".{self.final_dir.name}.", dir=self.final_dir.parent))
+        self.manifest: dict[str, Any] = {
+            "artifact": self.final_dir.as_posix(), "stage": stage, "params": params, "inputs": inputs,
+            "code": code_version(), "packages": package_versions(), "device": device,
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        self._t0 = time.monotonic()
+        self.extra: dict[str, Any] = {}
+
+    def path(self, name: str) -> Path:
+        p = self.dir / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def publish(self) -> dict[str, Any]:
+        files = {p.relative_to(self.dir).as_posix(): sha256_file(p)
+                 for p in sorted(self.dir.rglob("*")) if p.is_file() and p.name != MANIFEST}
+        self.manifest.update(files=files, digest=directory_digest(files), **self.extra,
+                             finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                             seconds=round(time.monotonic() - self._t0, 3))
+        write_json(self.dir / MANIFEST, self.manifest)
+        old = self.final_dir.with_name(f".{self.final_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if self.final_dir.exists():
+            os.replace(self.final_dir, old)
+        os.replace(self.dir, self.final_dir)
+        shutil.rmtree(old, ignore_errors=True)
+        return self.manifest
+
+    def discard(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def artifact(final_dir: Path | str, stage: str, params: dict[str, Any], inputs: dict[str, dict[str, Any]],
+             device: str = "cpu") -> Iterator[ArtifactWriter]:
+    """Write an artifact atomically: `with artifact(...) as out: save(out.path("x"))`."""
+    Path(final_dir).parent.mkdir(parents=True, exist_ok=True)
+    writer = ArtifactWriter(Path(final_dir), stage, params, inputs, device)
+    try:
+        yield writer
+        writer.publish()
+    finally:
+        writer.discard()
+
+
+def verify(artifact_dir: Path | str) -> dict[str, Any]:
+    """Check every file of an artifact against its manifest; raise naming the first mismatch."""
+    artifact_dir = Path(artifact_dir)
+    manifest = read_manifest(artifact_dir)
+    for name, digest in manifest["files"].items():
+        path = artifact_dir / name
+        if not path.exists():
+            raise ValueError(f"{path} is listed in {artifact_dir / MANIFEST} but missing; rerun stage {manifest['stage']}")
+        actual = sha256_file(path)
+        if actual != digest:
+            raise ValueError(f"{path} has sha256 {actual[:16]}..., its manifest says {digest[:16]}...: "
+                             f"the file was changed or corrupted; rerun stage {manifest['stage']}")
+    return manifest

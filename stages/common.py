@@ -1,0 +1,75 @@
+"""What every stage shares: artifact locations, the device, progress lines, loading earlier artifacts."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ARTIFACTS = Path("artifacts")
+WORK = Path(".neon/work")  # resumable partial work (e.g. sample shards); never a DVC output
+
+DATA, REFERENCE, TRAIN, BASE = ARTIFACTS / "data", ARTIFACTS / "reference", ARTIFACTS / "train", ARTIFACTS / "base"
+SYNTHETIC, SELFTRAINED, MERGED, EVALUATE = (ARTIFACTS / "synthetic", ARTIFACTS / "selftrained",
+                                            ARTIFACTS / "merged", ARTIFACTS / "evaluate")
+RESULTS = Path("results")  # DVC metrics and plots, small enough for git
+MODEL_FILE = "model.safetensors"
+
+
+class StageError(RuntimeError):
+    """A problem with the stage's inputs that the user must fix; its message names the fix."""
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() and os.environ.get("NEON_DEVICE") != "cpu" else "cpu")
+
+
+def device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(dev)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def progress(label: str):
+    t0 = time.monotonic()
+
+    def report(done: int, total: int, figures: dict | None = None) -> None:
+        figs = "".join(f"  {k} {v:.4g}" for k, v in (figures or {}).items())
+        log(f"[{label}] {done}/{total} ({100 * done / total:.0f}%)  {time.monotonic() - t0:.1f}s{figs}")
+    return report
+
+
+def save_images(path: Path, images: np.ndarray, labels: np.ndarray | None = None) -> None:
+    arrays = {"images": images} if labels is None else {"images": images, "labels": labels}
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def load_images(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    with np.load(path, allow_pickle=False) as z:
+        return z["images"], (z["labels"] if "labels" in z.files else None)
+
+
+def load_data() -> tuple[torch.Tensor, torch.Tensor | None]:
+    images, labels = load_images(DATA / "images.npz")
+    return torch.from_numpy(images), None if labels is None else torch.from_numpy(labels)
+
+
+def stage_entry(fn, *args):
+    """Run a stage; a StageError (or params/checkpoint error) ends it with one line and exit code 1."""
+    from models.checkpoint import CheckpointError
+    from models.merge import MergeError
+    from stages.params import ParamsError
+
+    try:
+        return fn(*args)
+    except (StageError, ParamsError, CheckpointError, MergeError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None

@@ -1,0 +1,86 @@
+"""Stage `fetch`: copy the base checkpoint (s3:// or a path) into the artifacts and verify its sha256.
+
+The expected digest comes from `base.sha256`, else from the `manifest.json` beside the checkpoint
+(which every artifact of this pipeline has). A checkpoint with neither is refused: pin it first.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path, PurePosixPath
+
+from stages import store
+from stages.artifacts import MANIFEST, artifact, input_ref, sha256_file
+from stages.common import BASE, MODEL_FILE, TRAIN, StageError, log
+from stages.model_config import load
+from stages.params import BaseParams, ModelParams
+
+
+def _is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def _download(source: str, dest: Path) -> dict:
+    """Copy `source` to `dest`; return what identifies the copy (S3 version id where there is one)."""
+    if _is_s3(source):
+        fs = store.filesystem()
+        key = source[len("s3://"):]
+        try:
+            info = fs.info(key)
+            fs.get(key, str(dest))
+        except FileNotFoundError:
+            raise StageError(f"base.checkpoint {source} does not exist (no such object); check the bucket, "
+                             "the key and AWS_ENDPOINT_URL_S3") from None
+        except PermissionError as exc:
+            raise StageError(f"base.checkpoint {source}: access denied ({exc}); check AWS_ACCESS_KEY_ID/"
+                             "AWS_SECRET_ACCESS_KEY") from None
+        return {"version_id": info.get("VersionId")}
+    path = Path(source)
+    if not path.is_file():
+        raise StageError(f"base.checkpoint {source} does not exist or is not a file; give an existing path or s3:// URI")
+    shutil.copyfile(path, dest)
+    return {}
+
+
+def _manifest_beside(source: str) -> dict | None:
+    """The pipeline manifest that lists the checkpoint, if it sits next to it."""
+    parent, name = (source.rsplit("/", 1) if "/" in source else (".", source))
+    where = f"{parent}/{MANIFEST}"
+    try:
+        if _is_s3(source):
+            text = store.filesystem().cat_file(where[len("s3://"):]).decode()
+        else:
+            text = Path(where).read_text()
+    except (FileNotFoundError, OSError):
+        return None
+    manifest = json.loads(text)
+    return manifest if name in manifest.get("files", {}) else None
+
+
+def run(base_p: BaseParams, model_p: ModelParams) -> dict:
+    source = base_p.checkpoint or (TRAIN / MODEL_FILE).as_posix()
+    beside = _manifest_beside(source)
+    want = base_p.sha256 or (beside["files"][PurePosixPath(source).name] if beside else "")
+    params = base_p.model_dump()
+    with artifact(BASE, "fetch", params, inputs={}) as out:
+        dest = out.path(MODEL_FILE)
+        origin = _download(source, dest)
+        digest = sha256_file(dest)
+        if not want:
+            raise StageError(f"{source} has no expected sha256: set base.sha256 in params.yaml (its current digest "
+                             f"is {digest}; check it against the publisher's) or put it beside a manifest.json")
+        if digest != want:
+            raise StageError(f"{source} has sha256 {digest}, expected {want}: the checkpoint is corrupted or not the "
+                             "one pinned; re-upload it or fix base.sha256")
+        _, family, config = load(dest, model_p)
+        if not base_p.checkpoint:
+            out.manifest["inputs"] = {"checkpoint": input_ref(TRAIN)}
+        else:
+            ref = {"path": source, "sha256": digest, **origin}
+            if beside:
+                ref["digest"] = beside["digest"]
+            out.manifest["inputs"] = {"checkpoint": ref}
+        out.extra["checkpoint"] = {"sha256": digest, "source": source, "config": {"family": family.name, "config": config},
+                                   **origin}
+    log(f"[fetch] {source} -> {BASE / MODEL_FILE} (sha256 {digest[:16]}..., verified)")
+    return out.manifest

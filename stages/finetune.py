@@ -1,0 +1,28 @@
+"""Stage `finetune`: self-train a copy of the base on the synthetic set with the family's own loss -> theta_s."""
+from __future__ import annotations
+
+import torch
+
+from models import checkpoint
+from models.training import fit
+from stages.artifacts import artifact, input_ref
+from stages.common import BASE, MODEL_FILE, SELFTRAINED, SYNTHETIC, device, device_name, log, progress
+from stages.model_config import load
+from stages.params import FinetuneParams, ModelParams
+from stages.sample import load_synthetic
+
+
+def run(p: FinetuneParams, model_p: ModelParams) -> dict:
+    inputs = {"base": input_ref(BASE), "synthetic": input_ref(SYNTHETIC)}
+    dev = device()
+    model, fam, config = load(BASE / MODEL_FILE, model_p)
+    images = torch.from_numpy(load_synthetic())
+    log(f"[finetune] {p.steps} steps x {p.batch_size} images ({p.steps * p.batch_size / len(images):.2f} epochs of "
+        f"|S| = {len(images)}), {p.optimizer} lr {p.lr}, EMA {p.ema_decay} on {device_name(dev)}")
+    tuned = fit(model.to(dev), fam.loss(config), images, None, steps=p.steps, batch_size=p.batch_size, lr=p.lr,
+                seed=p.seed, ema_decay=p.ema_decay, optimizer=p.optimizer, progress=progress("finetune"))
+    with artifact(SELFTRAINED, "finetune", p.model_dump(), inputs=inputs, device=device_name(dev)) as out:
+        checkpoint.save(out.path(MODEL_FILE), tuned.state_dict(), model_p.family, config,
+                        extra={"base_digest": inputs["base"]["digest"], "synthetic_digest": inputs["synthetic"]["digest"]})
+        out.extra["training"] = {"images_seen": p.steps * p.batch_size}
+    return out.manifest

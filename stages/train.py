@@ -1,0 +1,39 @@
+"""Stage `train`: the base generator for the embedded default, trained on the real data.
+
+Skipped (an artifact that says so, written in milliseconds) when `base.checkpoint` names a user's model.
+"""
+from __future__ import annotations
+
+import torch
+
+from models import checkpoint, family as families
+from models.training import fit
+from stages.artifacts import artifact, input_ref
+from stages.common import DATA, MODEL_FILE, TRAIN, device, device_name, load_data, log, progress
+from stages.model_config import model_config
+from stages.params import BaseParams, ModelParams, TrainParams
+
+
+def run(model_p: ModelParams, train_p: TrainParams, base_p: BaseParams) -> dict:
+    params = {"model": model_p.model_dump(), "train": train_p.model_dump(), "base.checkpoint": base_p.checkpoint}
+    dev = device()
+    if base_p.checkpoint:
+        with artifact(TRAIN, "train", params, inputs={}, device=device_name(dev)) as out:
+            out.extra["skipped"] = f"base.checkpoint is set ({base_p.checkpoint}): no base training"
+        log(f"[train] skipped: base.checkpoint = {base_p.checkpoint}")
+        return out.manifest
+    config = model_config(model_p)
+    fam = families.get(model_p.family)
+    images, labels = load_data()
+    torch.manual_seed(train_p.seed)  # initial weights
+    model = fam.build(config).to(dev)
+    n_params = sum(t.numel() for t in model.parameters())
+    log(f"[train] {model_p.family} model, {n_params:,} parameters, {train_p.steps} steps x {train_p.batch_size} "
+        f"images on {device_name(dev)}")
+    ema = fit(model, fam.loss(config), images, None, steps=train_p.steps, batch_size=train_p.batch_size,
+              lr=train_p.lr, seed=train_p.seed, ema_decay=train_p.ema_decay, progress=progress("train"))
+    with artifact(TRAIN, "train", params, inputs={"data": input_ref(DATA)}, device=device_name(dev)) as out:
+        checkpoint.save(out.path(MODEL_FILE), ema.state_dict(), model_p.family, config)
+        out.extra["training"] = {"images_seen": train_p.steps * train_p.batch_size, "parameters": n_params}
+    return out.manifest
+
