@@ -21,6 +21,7 @@ from models.classifier import FeatureNet, extract
 from models.sampling import generate
 from stages.artifacts import artifact, atomic_file, input_ref, read_manifest, sha256_bytes, sha256_file, verify
 from stages.common import (BASE, EVALUATE, MERGED, MODEL_FILE, REFERENCE, RESULTS, WORK, StageError, device, device_name,
+                           save_images,
                            log, progress)
 from stages.model_config import load
 from stages.params import EvaluateParams, ModelParams, SampleParams
@@ -104,7 +105,7 @@ def run(p: EvaluateParams, sample_p: SampleParams, model_p: ModelParams, step=No
                           device=dev, progress=progress(f"evaluate w={w:g}"))
         result = {"w": w, "fid": fid(extract(net, images), mu_ref, sigma_ref)}
         with atomic_file(cache / f"{key}.npz") as tmp:
-            np.savez(tmp, images=images[: p.grid * p.grid].numpy())
+            save_images(tmp, images[: p.grid * p.grid].numpy())
         with atomic_file(hit) as tmp:
             tmp.write_text(json.dumps({**result, "key": key}))
         log(f"[evaluate] w = {w:g}: FID {result['fid']:.3f}")

@@ -1,0 +1,112 @@
+"""`neon`: what is not a DVC or Prefect command.
+
+  neon store up|down|status|ls    the embedded SeaweedFS object store (127.0.0.1 only)
+  neon lineage PATH_OR_S3_URI     the chain of artifacts, code and params behind an artifact
+  neon schedule apply|serve       the cron deployment of the whole pipeline
+"""
+from __future__ import annotations
+
+import argparse
+import configparser
+import json
+import sys
+from pathlib import Path
+
+from flows import ROOT
+from stages import lineage, store
+
+
+def _write_dvc_local(info: store.StoreInfo) -> None:
+    """Point the DVC remote at the embedded store (machine-local: .dvc/config.local is git-ignored)."""
+    path = ROOT / ".dvc" / "config.local"
+    cfg = configparser.ConfigParser()
+    cfg.read(path)
+    section = "'remote \"store\"'"
+    if not cfg.has_section(section):
+        cfg.add_section(section)
+    creds = store.credentials()
+    cfg[section].update(endpointurl=info.endpoint, access_key_id=creds["AWS_ACCESS_KEY_ID"],
+                        secret_access_key=creds["AWS_SECRET_ACCESS_KEY"])
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        cfg.write(f)
+    tmp.replace(path)
+
+
+def cmd_store(args) -> int:
+    state = ROOT / store.DEFAULT_STATE_DIR
+    if args.action == "up":
+        info = store.start(state)
+        _write_dvc_local(info)
+        print(f"store up: {info.endpoint} bucket s3://{info.bucket} (versioned), data {info.data_dir}, pid {info.pid}")
+    elif args.action == "down":
+        print("store stopped" if store.stop(state) else "store was not running")
+    elif args.action == "env":
+        info = store.read_info(state)
+        if info is None:
+            print("store is not running; `neon store up`", file=sys.stderr)
+            return 1
+        for k, v in store.s3_env(info.endpoint).items():
+            print(f"export {k}={v}")
+    else:
+        info = store.read_info(state)
+        if info is None:
+            print("store is not running")
+            return 1 if args.action == "status" else 1
+        if args.action == "status":
+            print(json.dumps(info.__dict__, indent=2))
+        else:
+            fs = store.filesystem(info.endpoint)
+            for key in sorted(fs.find(info.bucket)):
+                for v in fs.object_version_info(key):
+                    latest = " (latest)" if v.get("IsLatest") else ""
+                    print(f"s3://{info.bucket}/{v['Key']}  version {v['VersionId']}  {v['Size']} B{latest}")
+    return 0
+
+
+def cmd_lineage(args) -> int:
+    print(lineage.render(args.target))
+    return 0
+
+
+def cmd_schedule(args) -> int:
+    from prefect import serve
+
+    from flows.pipeline import deployment
+
+    dep = deployment(cron=args.cron)
+    if args.action == "apply":
+        dep_id = dep.apply()
+        print(f"deployment neon-pipeline/{dep.name} ({dep_id}) scheduled: cron {args.cron!r}")
+    else:
+        serve(dep)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="neon", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("store", help="the embedded S3 object store")
+    p.add_argument("action", choices=["up", "down", "status", "ls", "env"])
+    p.set_defaults(fn=cmd_store)
+    p = sub.add_parser("lineage", help="print the lineage of an artifact (path or s3:// URI)")
+    p.add_argument("target")
+    p.set_defaults(fn=cmd_lineage)
+    p = sub.add_parser("schedule", help="the scheduled deployment of the pipeline")
+    p.add_argument("action", choices=["apply", "serve"])
+    p.add_argument("--cron", default=None)
+    p.set_defaults(fn=cmd_schedule)
+    args = parser.parse_args(argv)
+    if getattr(args, "cron", "") is None:
+        from flows.pipeline import CRON
+
+        args.cron = CRON
+    try:
+        return args.fn(args)
+    except (FileNotFoundError, store.StoreError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
