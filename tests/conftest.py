@@ -1,0 +1,87 @@
+"""Real services for the tests: a SeaweedFS S3 server and a Prefect API server, both on 127.0.0.1,
+started once per session in temporary folders and stopped by PID."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from stages import store
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+TINY = REPO / "tests" / "tiny_params.yaml"
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    if check and proc.returncode:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def s3_store(tmp_path_factory):
+    state = tmp_path_factory.mktemp("store")
+    info = store.start(state)
+    yield info
+    store.stop(state)
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect")
+    port = store.free_port_pair(26000)
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_API_URL": ""}
+    log = open(home / "server.log", "wb")
+    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"Prefect server did not start; see {home / 'server.log'}")
+        time.sleep(0.5)
+    yield url
+    os.killpg(proc.pid, 15)
+    proc.wait(timeout=30)
+    log.close()
+
+
+@pytest.fixture(scope="session")
+def project(tmp_path_factory, s3_store, prefect_api):
+    """A copy of the repository (a git repo of its own) with the tiny preset, wired to the test store."""
+    root = tmp_path_factory.mktemp("project")
+    tracked = run(["git", "ls-files"], REPO, dict(os.environ)).stdout.split()
+    for name in tracked:
+        if (REPO / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, root / name)
+    shutil.copyfile(TINY, root / "params.yaml")
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PREFECT_API_URL": prefect_api,
+           "PREFECT_HOME": str(root / ".neon" / "prefect"), **store.s3_env(s3_store.endpoint)}
+    env.pop("PYTHONPATH", None)
+    git = ["git", "-c", "user.email=t@localhost", "-c", "user.name=t"]
+    run(git + ["init", "-q"], root, env)
+    run(git + ["add", "-A"], root, env)
+    run(git + ["commit", "-qm", "test project"], root, env)
+    (root / ".dvc" / "config.local").write_text(
+        "['remote \"store\"']\n"
+        f"    endpointurl = {s3_store.endpoint}\n"
+        f"    access_key_id = {store.credentials()['AWS_ACCESS_KEY_ID']}\n"
+        f"    secret_access_key = {store.credentials()['AWS_SECRET_ACCESS_KEY']}\n")
+    return root, env

