@@ -15,6 +15,7 @@ from torch import nn
 
 from models import family as families
 
+METADATA_KEY = "neon"
 PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 
 
@@ -27,7 +28,10 @@ def save(path: Path | str, state: dict[str, torch.Tensor], family: str, config: 
     """Write `state` to `path` (the caller makes it atomic by passing a temporary path)."""
     meta = {"format": "neon-checkpoint/1", "family": family, "config": json.dumps(config, sort_keys=True)}
     meta.update(extra or {})
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path), metadata=meta)
+    # One metadata key holding sorted JSON: safetensors writes several keys in hash order, which
+    # would make the same weights give different bytes (and digests) from run to run.
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path),
+              metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
 
 
 def _check_not_pickle(path: Path) -> None:
@@ -46,6 +50,8 @@ def read(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
+        if METADATA_KEY in meta:
+            meta = json.loads(meta[METADATA_KEY])
         return load_file(str(path)), meta
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path} is not a readable safetensors checkpoint ({exc}); "

@@ -1,4 +1,8 @@
-"""Drawing images from any family with per-sample seeds: sample i depends only on seed + i."""
+"""Drawing images from any family with per-sample seeds: sample i's noise depends only on seed + i.
+
+Its pixels also depend (by float rounding, at most one grey level) on which batch it shares, so
+callers that promise bit-identical sets keep batch boundaries fixed.
+"""
 from __future__ import annotations
 
 from typing import Callable, Iterable

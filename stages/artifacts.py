@@ -50,6 +50,7 @@ def atomic_file(path: Path | str) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; artifacts are meant to be read by others
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -121,6 +122,7 @@ class ArtifactWriter:
                              finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                              seconds=round(time.monotonic() - self._t0, 3))
         write_json(self.dir / MANIFEST, self.manifest)
+        os.chmod(self.dir, 0o755)  # mkdtemp creates 0700
         old = self.final_dir.with_name(f".{self.final_dir.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         if self.final_dir.exists():

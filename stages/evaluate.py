@@ -88,7 +88,7 @@ def run(p: EvaluateParams, sample_p: SampleParams, model_p: ModelParams, step=No
                          f"set evaluate.n above {mu_ref.shape[0]} (500+ recommended)")
     dev = device()
     candidates = [(0.0, BASE / MODEL_FILE)] + [(w, MERGED / f"w={w:g}.safetensors") for w in merged["params"]["weights"]]
-    settings_key = json.dumps([p.model_dump(exclude={"batch_size", "grid"}), sample_p.sampler.model_dump(),
+    settings_key = json.dumps([p.model_dump(exclude={"grid"}), sample_p.sampler.model_dump(),
                                inputs["reference"]["digest"]], sort_keys=True)
     cache = WORK / "evaluate"
     cache.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PARAMS_FILE = Path("params.yaml")
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -67,6 +67,13 @@ class SampleParams(Section):
     batch_size: PositiveInt = 250  # images per network call
     sampler: SamplerParams = SamplerParams()
 
+    @model_validator(mode="after")
+    def _whole_batches(self):
+        if self.shard_size % self.batch_size:
+            raise ValueError(f"shard_size ({self.shard_size}) must be a multiple of batch_size ({self.batch_size}) "
+                             "so that every shard is whole batches (bit-identical sets for any sharding)")
+        return self
+
 
 class FinetuneParams(Section):
     steps: PositiveInt = 60  # optimizer steps on the synthetic set (budget B)
@@ -85,6 +92,8 @@ class MergeParams(Section):
     def _distinct_finite(cls, v: list[float]) -> list[float]:
         if any(w != w or abs(w) == float("inf") for w in v):
             raise ValueError("weights must be finite numbers")
+        if 0 in v:
+            raise ValueError("w = 0 is the base model, which evaluate always includes; remove it")
         if len(set(v)) != len(v):
             raise ValueError("weights must be distinct")
         return v
@@ -117,7 +126,8 @@ def _describe(err: dict[str, Any], source: str) -> str:
     key = ".".join(str(p) for p in err["loc"])
     if err["type"] == "extra_forbidden":
         return f"{source}: unknown key `{key}`; remove it or fix its spelling"
-    return f"{source}: `{key}` = {err.get('input')!r} is invalid: {err['msg']}"
+    value = "" if isinstance(err.get("input"), dict) else f" = {err.get('input')!r}"
+    return f"{source}: `{key}`{value} is invalid: {err['msg']}"
 
 
 def parse(raw: Any, source: str = "params") -> Params:

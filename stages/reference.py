@@ -30,8 +30,7 @@ def run(p: ReferenceParams) -> dict:
     acc = accuracy(net, images[held_out], labels[held_out])
     mu, sigma = statistics(extract(net, images))
     with artifact(REFERENCE, "reference", p.model_dump(), inputs={"data": input_ref(DATA)}) as out:
-        save_file(net.state_dict(), str(out.path("classifier.safetensors")),
-                  metadata={"image_channels": str(images.shape[1]), "num_classes": str(int(labels.max()) + 1)})
+        save_file(net.state_dict(), str(out.path("classifier.safetensors")))
         with open(out.path("stats.npz"), "wb") as f:
             np.savez(f, mu=mu, sigma=sigma)
         out.extra["reference"] = {"feature_space": FEATURE_SPACE, "feature_dim": int(mu.shape[0]),

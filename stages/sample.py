@@ -1,6 +1,9 @@
 """Stage `sample`: the synthetic set S, drawn from the base model with its inference sampler.
 
-Sample i uses seed + i, so the set is the same for any shard size or number of workers. Shards are
+Sample i uses seed + i and network batches start at multiples of `batch_size` (shards are whole
+batches), so the set is bit-identical for any shard size or number of workers. (A different
+`batch_size` changes float rounding inside the network: images then agree within one grey level,
+so batch_size is part of the params that key the set.) Shards are
 written atomically into a work folder keyed by (base digest, params); a rerun after a kill keeps the
 complete ones. The artifact is published only when every shard is there.
 """
@@ -28,7 +31,7 @@ def shard_name(start: int, stop: int) -> str:
 
 
 def work_dir(base_digest: str, p: SampleParams) -> Path:
-    key = sha256_bytes(json.dumps([base_digest, p.model_dump(exclude={"batch_size"})], sort_keys=True).encode())
+    key = sha256_bytes(json.dumps([base_digest, p.model_dump()], sort_keys=True).encode())
     return WORK / "sample" / key[:20]
 
 

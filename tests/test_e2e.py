@@ -90,7 +90,8 @@ def test_changing_a_merge_param_reruns_only_merge_and_evaluate(reproduced):
     root, env, _ = reproduced
     old = set_params(root, **{"merge.weights": [0.5, 1.0, 1.5]})
     try:
-        out = run(["dvc", "repro"], root, env).stdout
+        proc = run(["dvc", "repro"], root, env)
+        out = proc.stdout + proc.stderr
         assert stages_ran(out) == ["merge", "evaluate"]
         assert "w = 0.5: cached" in out and "w = 1: cached" in out  # per-w evaluations are reused
     finally:
@@ -160,8 +161,8 @@ def test_user_checkpoint_from_s3_skips_training(reproduced, s3_store):
     uri = "s3://neon/dvc/artifacts/train/model.safetensors"  # pushed by the first run, manifest beside it
     old = set_params(root, **{"base.checkpoint": uri})
     try:
-        out = run(["dvc", "repro", "train", "fetch"], root, env).stdout
-        assert "[train] skipped" in out
+        proc = run(["dvc", "repro", "train", "fetch"], root, env)
+        assert "[train] skipped" in proc.stdout + proc.stderr
         manifest = json.loads((root / "artifacts/base/manifest.json").read_text())
         assert manifest["inputs"]["checkpoint"]["path"] == uri
         assert manifest["inputs"]["checkpoint"]["version_id"]

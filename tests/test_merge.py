@@ -1,0 +1,111 @@
+"""models/merge.py: the Neon extrapolation theta_base - w * (theta_s - theta_base), tensor by tensor."""
+import pytest
+import torch
+from torch import nn
+
+from models.merge import MergeError, merge
+
+
+def tiny_model(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2))
+    m.train()(torch.randn(8, 4))  # moves running stats and num_batches_tracked
+    return m
+
+
+@pytest.fixture
+def states():
+    base, other = tiny_model(0).state_dict(), tiny_model(1).state_dict()
+    other["1.num_batches_tracked"] = torch.tensor(7)  # differs from the base's 1
+    return base, other
+
+
+def float_keys(state):
+    return [k for k, v in state.items() if v.is_floating_point()]
+
+
+@pytest.mark.parametrize("w", [0.0, 1.0, 0.5, -1.5, 2.0])
+def test_formula(states, w):
+    base, other = states
+    out = merge(base, other, w)
+    assert out.keys() == base.keys()
+    for k in float_keys(base):
+        expected = base[k].double() - w * (other[k].double() - base[k].double())
+        torch.testing.assert_close(out[k].double(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_w0_is_base_and_w1_is_reflection(states):
+    base, other = states
+    for k in float_keys(base):
+        torch.testing.assert_close(merge(base, other, 0.0)[k], base[k], rtol=0, atol=0)
+        torch.testing.assert_close(merge(base, other, 1.0)[k], 2 * base[k] - other[k])
+
+
+def test_fp16_computed_in_fp32_and_cast_back():
+    g = torch.Generator().manual_seed(0)
+    b = (torch.randn(64, generator=g) * 10).half()
+    s = (torch.randn(64, generator=g) * 10).half()
+    out = merge({"x": b}, {"x": s}, 1.5)["x"]
+    assert out.dtype == torch.float16
+    ref = b.double() - 1.5 * (s.double() - b.double())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-3, atol=1e-2)
+    assert torch.equal(out, (b.float() - 1.5 * (s.float() - b.float())).half())
+
+
+def test_integer_buffers_copied_from_base(states):
+    base, other = states
+    out = merge(base, other, 2.0)
+    assert out["1.num_batches_tracked"].dtype == torch.long
+    assert out["1.num_batches_tracked"].item() == base["1.num_batches_tracked"].item()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
+@pytest.mark.parametrize("where", ["base", "other"])
+def test_non_finite_tensors_copied_from_base(states, bad, where):
+    base, other = (dict(s) for s in states)
+    target = base if where == "base" else other
+    target["0.weight"] = target["0.weight"].clone()
+    target["0.weight"][0, 0] = bad
+    out = merge(base, other, 1.0)
+    torch.testing.assert_close(out["0.weight"], base["0.weight"], equal_nan=True, rtol=0, atol=0)
+    assert not torch.equal(out["0.bias"], base["0.bias"])  # other tensors still merged
+
+
+def test_missing_key_names_tensor(states):
+    base, other = states
+    del other["2.bias"]
+    with pytest.raises(MergeError, match=r"2\.bias.*self-trained"):
+        merge(base, other, 1.0)
+
+
+def test_extra_key_names_tensor(states):
+    base, other = states
+    other["extra.weight"] = torch.zeros(1)
+    with pytest.raises(MergeError, match=r"extra\.weight.*base"):
+        merge(base, other, 1.0)
+
+
+def test_shape_mismatch_names_tensor(states):
+    base, other = states
+    other["0.weight"] = torch.zeros(3, 5)
+    with pytest.raises(MergeError, match=r"0\.weight.*\(3, 4\).*\(3, 5\)"):
+        merge(base, other, 1.0)
+
+
+def test_dtype_mismatch_names_tensor(states):
+    base, other = states
+    other["2.weight"] = other["2.weight"].double()
+    with pytest.raises(MergeError, match=r"2\.weight.*float64"):
+        merge(base, other, 1.0)
+
+
+def test_unknown_method():
+    with pytest.raises(MergeError, match="unknown merge method 'nope'"):
+        merge({}, {}, 1.0, method="nope")
+
+
+def test_merged_state_loads_strictly(states):
+    base, other = states
+    model = tiny_model(2)
+    model.load_state_dict(merge(base, other, 1.5), strict=True)
+    model.eval()(torch.randn(2, 4))
