@@ -52,7 +52,7 @@ def cmd_store(args) -> int:
         info = store.read_info(state)
         if info is None:
             print("store is not running")
-            return 1 if args.action == "status" else 1
+            return 1
         if args.action == "status":
             print(json.dumps(info.__dict__, indent=2))
         else:
@@ -106,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, store.StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `neon store ls | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

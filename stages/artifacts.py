@@ -101,6 +101,8 @@ class ArtifactWriter:
     def __init__(self, final_dir: Path, stage: str, params: dict[str, Any], inputs: dict[str, dict[str, Any]],
                  device: str):
         self.final_dir = Path(final_dir)
+        for stale in self.final_dir.parent.glob(f".{self.final_dir.name}.*"):  # left by a killed run
+            shutil.rmtree(stale, ignore_errors=True)
         self.dir = Path(tempfile.mkdtemp(prefix=f".{self.final_dir.name}.", dir=self.final_dir.parent))
         self.manifest: dict[str, Any] = {
             "artifact": self.final_dir.as_posix(), "stage": stage, "params": params, "inputs": inputs,

@@ -111,14 +111,14 @@ def run(p: EvaluateParams, sample_p: SampleParams, model_p: ModelParams, step=No
         log(f"[evaluate] w = {w:g}: FID {result['fid']:.3f}")
         return {**result, "key": key}
 
-    rows = [step(f"evaluate w={w:g}", evaluate_model, w, path) for w, path in candidates]
-    best = min(rows, key=lambda r: r["fid"])
-    base_fid = rows[0]["fid"]
-    metrics = {"feature_space": space, "n": p.n, "fid_base": base_fid,
-               "fid": {f"w={r['w']:g}": r["fid"] for r in rows}, "best_w": best["w"], "best_fid": best["fid"],
-               "relative_change": (best["fid"] - base_fid) / base_fid}
     with artifact(EVALUATE, "evaluate", {"evaluate": p.model_dump(), "sampler": sample_p.sampler.model_dump()},
                   inputs=inputs, device=device_name(dev)) as out:
+        rows = [step(f"evaluate w={w:g}", evaluate_model, w, path) for w, path in candidates]
+        best = min(rows, key=lambda r: r["fid"])
+        base_fid = rows[0]["fid"]
+        metrics = {"feature_space": space, "n": p.n, "fid_base": base_fid,
+                   "fid": {f"w={r['w']:g}": r["fid"] for r in rows}, "best_w": best["w"], "best_fid": best["fid"],
+                   "relative_change": (best["fid"] - base_fid) / base_fid}
         (out.path("metrics.json")).write_text(json.dumps(metrics, indent=2) + "\n")
         with open(out.path("fid_vs_w.csv"), "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=["w", "fid"])

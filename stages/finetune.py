@@ -19,9 +19,9 @@ def run(p: FinetuneParams, model_p: ModelParams) -> dict:
     images = torch.from_numpy(load_synthetic())
     log(f"[finetune] {p.steps} steps x {p.batch_size} images ({p.steps * p.batch_size / len(images):.2f} epochs of "
         f"|S| = {len(images)}), {p.optimizer} lr {p.lr}, EMA {p.ema_decay} on {device_name(dev)}")
-    tuned = fit(model.to(dev), fam.loss(config), images, None, steps=p.steps, batch_size=p.batch_size, lr=p.lr,
-                seed=p.seed, ema_decay=p.ema_decay, optimizer=p.optimizer, progress=progress("finetune"))
     with artifact(SELFTRAINED, "finetune", p.model_dump(), inputs=inputs, device=device_name(dev)) as out:
+        tuned = fit(model.to(dev), fam.loss(config), images, None, steps=p.steps, batch_size=p.batch_size, lr=p.lr,
+                    seed=p.seed, ema_decay=p.ema_decay, optimizer=p.optimizer, progress=progress("finetune"))
         checkpoint.save(out.path(MODEL_FILE), tuned.state_dict(), model_p.family, config,
                         extra={"base_digest": inputs["base"]["digest"], "synthetic_digest": inputs["synthetic"]["digest"]})
         out.extra["training"] = {"images_seen": p.steps * p.batch_size}

@@ -22,14 +22,13 @@ def run(p: ReferenceParams) -> dict:
     images, labels = load_data()
     if labels is None:
         raise ValueError("the classifier feature space needs labelled real data")
-    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(p.seed))
-    held_out = perm[: len(images) // 10]
-    fit_idx = perm[len(images) // 10:]
-    net = train_classifier(images[fit_idx], labels[fit_idx], p.steps, p.batch_size, p.lr, p.seed,
-                           progress("reference: classifier"))
-    acc = accuracy(net, images[held_out], labels[held_out])
-    mu, sigma = statistics(extract(net, images))
     with artifact(REFERENCE, "reference", p.model_dump(), inputs={"data": input_ref(DATA)}) as out:
+        perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(p.seed))
+        held_out, fit_idx = perm[: len(images) // 10], perm[len(images) // 10:]
+        net = train_classifier(images[fit_idx], labels[fit_idx], p.steps, p.batch_size, p.lr, p.seed,
+                               progress("reference: classifier"))
+        acc = accuracy(net, images[held_out], labels[held_out])
+        mu, sigma = statistics(extract(net, images))
         save_file(net.state_dict(), str(out.path("classifier.safetensors")))
         with open(out.path("stats.npz"), "wb") as f:
             np.savez(f, mu=mu, sigma=sigma)

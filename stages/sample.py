@@ -48,30 +48,30 @@ def run(p: SampleParams, model_p: ModelParams, step=None) -> dict:
     step = step or (lambda name, fn, *args: fn(*args))
     base = input_ref(BASE)
     dev = device()
-    model, fam, config = load(BASE / MODEL_FILE, model_p)
-    model = model.to(dev)
-    settings = fam.sampler_settings(p.sampler.model_dump())
-    shape = tuple(config["image_shape"])
-    work = work_dir(base["digest"], p)
-    work.mkdir(parents=True, exist_ok=True)
-    ranges = shard_ranges(p.n, p.shard_size)
-    done = sum(_complete(work / shard_name(a, b), b - a) for a, b in ranges)
-    log(f"[sample] {p.n} images in {len(ranges)} shards ({done} already complete in {work}) on {device_name(dev)}, "
-        f"sampler {p.sampler.model_dump()}")
-    report = progress("sample")
-
-    def write_shard(start: int, stop: int) -> str:
-        path = work / shard_name(start, stop)
-        if not _complete(path, stop - start):
-            images = generate(model, fam, settings, shape, list(range(p.seed + start, p.seed + stop)),
-                              p.batch_size, device=dev)
-            with atomic_file(path) as tmp:
-                save_images(tmp, images.numpy())
-        report(stop, p.n)
-        return path.name
-
-    names = [step(f"shard {a}-{b}", write_shard, a, b) for a, b in ranges]
     with artifact(SYNTHETIC, "sample", p.model_dump(), inputs={"base": base}, device=device_name(dev)) as out:
+        model, fam, config = load(BASE / MODEL_FILE, model_p)
+        model = model.to(dev)
+        settings = fam.sampler_settings(p.sampler.model_dump())
+        shape = tuple(config["image_shape"])
+        work = work_dir(base["digest"], p)
+        work.mkdir(parents=True, exist_ok=True)
+        ranges = shard_ranges(p.n, p.shard_size)
+        done = sum(_complete(work / shard_name(a, b), b - a) for a, b in ranges)
+        log(f"[sample] {p.n} images in {len(ranges)} shards ({done} already complete in {work}) on {device_name(dev)}, "
+            f"sampler {p.sampler.model_dump()}")
+        report = progress("sample")
+
+        def write_shard(start: int, stop: int) -> str:
+            path = work / shard_name(start, stop)
+            if not _complete(path, stop - start):
+                images = generate(model, fam, settings, shape, list(range(p.seed + start, p.seed + stop)),
+                                  p.batch_size, device=dev)
+                with atomic_file(path) as tmp:
+                    save_images(tmp, images.numpy())
+            report(stop, p.n)
+            return path.name
+
+        names = [step(f"shard {a}-{b}", write_shard, a, b) for a, b in ranges]
         for name in names:
             shutil.copyfile(work / name, out.path(name))
         out.extra["synthetic"] = {"count": p.n, "shape": list(shape), "shards": len(names)}

@@ -24,15 +24,15 @@ def run(model_p: ModelParams, train_p: TrainParams, base_p: BaseParams) -> dict:
         return out.manifest
     config = model_config(model_p)
     fam = families.get(model_p.family)
-    images, labels = load_data()
-    torch.manual_seed(train_p.seed)  # initial weights
-    model = fam.build(config).to(dev)
-    n_params = sum(t.numel() for t in model.parameters())
-    log(f"[train] {model_p.family} model, {n_params:,} parameters, {train_p.steps} steps x {train_p.batch_size} "
-        f"images on {device_name(dev)}")
-    ema = fit(model, fam.loss(config), images, None, steps=train_p.steps, batch_size=train_p.batch_size,
-              lr=train_p.lr, seed=train_p.seed, ema_decay=train_p.ema_decay, progress=progress("train"))
+    images, _ = load_data()
     with artifact(TRAIN, "train", params, inputs={"data": input_ref(DATA)}, device=device_name(dev)) as out:
+        torch.manual_seed(train_p.seed)  # initial weights
+        model = fam.build(config).to(dev)
+        n_params = sum(t.numel() for t in model.parameters())
+        log(f"[train] {model_p.family} model, {n_params:,} parameters, {train_p.steps} steps x "
+            f"{train_p.batch_size} images on {device_name(dev)}")
+        ema = fit(model, fam.loss(config), images, None, steps=train_p.steps, batch_size=train_p.batch_size,
+                  lr=train_p.lr, seed=train_p.seed, ema_decay=train_p.ema_decay, progress=progress("train"))
         checkpoint.save(out.path(MODEL_FILE), ema.state_dict(), model_p.family, config)
         out.extra["training"] = {"images_seen": train_p.steps * train_p.batch_size, "parameters": n_params}
     return out.manifest
