@@ -9,6 +9,8 @@ import json
 import shutil
 from pathlib import Path, PurePosixPath
 
+from botocore.exceptions import BotoCoreError, ClientError
+
 from stages import store
 from stages.artifacts import MANIFEST, artifact, input_ref, sha256_file
 from stages.common import BASE, MODEL_FILE, TRAIN, StageError, log
@@ -34,6 +36,9 @@ def _download(source: str, dest: Path) -> dict:
         except PermissionError as exc:
             raise StageError(f"base.checkpoint {source}: access denied ({exc}); check AWS_ACCESS_KEY_ID/"
                              "AWS_SECRET_ACCESS_KEY") from None
+        except (BotoCoreError, ClientError) as exc:
+            raise StageError(f"base.checkpoint {source}: cannot read it from S3 ({type(exc).__name__}: {exc}); "
+                             "set AWS_ENDPOINT_URL_S3 and the AWS_* credentials, or run `neon store up`") from None
         return {"version_id": info.get("VersionId")}
     path = Path(source)
     if not path.is_file():

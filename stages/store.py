@@ -153,10 +153,16 @@ def stop(state_dir: Path = DEFAULT_STATE_DIR, timeout: float = 20) -> bool:
 
 
 def filesystem(endpoint: str | None = None):
-    """An s3fs filesystem for `endpoint` (default: AWS_ENDPOINT_URL_S3, else AWS itself)."""
+    """An s3fs filesystem for `endpoint`.
+
+    Default: AWS_ENDPOINT_URL_S3 (or AWS_ENDPOINT_URL); else the embedded store when this project
+    runs one; else AWS itself.
+    """
     import s3fs
 
     endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if not endpoint and (embedded := read_info()) is not None:
+        endpoint = embedded.endpoint
     creds = credentials() if endpoint and "127.0.0.1" in endpoint else {}
     return s3fs.S3FileSystem(key=creds.get("AWS_ACCESS_KEY_ID"), secret=creds.get("AWS_SECRET_ACCESS_KEY"),
                              endpoint_url=endpoint, version_aware=True, skip_instance_cache=True,
