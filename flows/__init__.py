@@ -13,3 +13,10 @@ _PREFECT_DEFAULTS = {
 }
 for _key, _value in _PREFECT_DEFAULTS.items():
     os.environ.setdefault(_key, _value)
+# Prefect creates its home without parents; make sure `.neon/` exists on a fresh checkout.
+Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+if not os.environ.get("PREFECT_API_URL"):  # use the project's local server (`neon prefect up`) when one runs
+    from flows.server import running as _running
+
+    if _url := _running(Path(os.environ["PREFECT_HOME"])):
+        os.environ["PREFECT_API_URL"] = _url

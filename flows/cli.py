@@ -1,6 +1,7 @@
 """`neon`: what is not a DVC or Prefect command.
 
   neon store up|down|status|ls    the embedded SeaweedFS object store (127.0.0.1 only)
+  neon prefect up|down|status     a local Prefect API server that the stages' flows then use
   neon lineage PATH_OR_S3_URI     the chain of artifacts, code and params behind an artifact
   neon schedule apply|serve       the cron deployment of the whole pipeline
 """
@@ -64,6 +65,23 @@ def cmd_store(args) -> int:
     return 0
 
 
+def cmd_prefect(args) -> int:
+    import os
+
+    from flows import server
+
+    home = Path(os.environ["PREFECT_HOME"])
+    if args.action == "up":
+        print(f"prefect server up: {server.start(home)}")
+    elif args.action == "down":
+        print("prefect server stopped" if server.stop(home) else "prefect server was not running")
+    else:
+        url = server.running(home)
+        print(url or "prefect server is not running")
+        return 0 if url else 1
+    return 0
+
+
 def cmd_lineage(args) -> int:
     print(lineage.render(args.target))
     return 0
@@ -89,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("store", help="the embedded S3 object store")
     p.add_argument("action", choices=["up", "down", "status", "ls", "env"])
     p.set_defaults(fn=cmd_store)
+    p = sub.add_parser("prefect", help="a local Prefect API server for the flows")
+    p.add_argument("action", choices=["up", "down", "status"])
+    p.set_defaults(fn=cmd_prefect)
     p = sub.add_parser("lineage", help="print the lineage of an artifact (path or s3:// URI)")
     p.add_argument("target")
     p.set_defaults(fn=cmd_lineage)
@@ -103,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         args.cron = CRON
     try:
         return args.fn(args)
-    except (FileNotFoundError, store.StoreError) as exc:
+    except (FileNotFoundError, RuntimeError, store.StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # `neon store ls | head`

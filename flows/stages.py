@@ -6,6 +6,7 @@ that one line as its message; anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import json
 import sys
 
 from prefect import flow, task
@@ -15,10 +16,10 @@ from prefect.states import Failed
 from models.checkpoint import CheckpointError
 from models.merge import MergeError
 from stages import data, evaluate, fetch, finetune, merge, reference, sample, train
-from stages.common import StageError
+from stages.common import EVALUATE, StageError
 from stages.params import Params, ParamsError, load
 
-USER_ERRORS = (StageError, ParamsError, CheckpointError, MergeError, FileNotFoundError, ValueError)
+USER_ERRORS = (StageError, ParamsError, CheckpointError, MergeError, FileNotFoundError, ValueError, FloatingPointError)
 
 
 def task_step(name: str, fn, *args):
@@ -34,8 +35,19 @@ RUNNERS = {
     "sample": lambda p: sample.run(p.sample, p.model, step=task_step),
     "finetune": lambda p: finetune.run(p.finetune, p.model),
     "merge": lambda p: merge.run(p.merge),
-    "evaluate": lambda p: evaluate.run(p.evaluate, p.sample, p.model, step=task_step),
+    "evaluate": lambda p: publish_report(evaluate.run(p.evaluate, p.sample, p.model, step=task_step)),
 }
+
+
+def publish_report(manifest: dict) -> dict:
+    """The report and the FID curve as keyed Prefect artifacts, so each run's version shows in the UI."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    create_markdown_artifact(markdown=(EVALUATE / "report.md").read_text(), key="neon-report",
+                             description=f"Neon evaluation, artifact digest {manifest['digest'][:16]}")
+    result = json.loads((EVALUATE / "evaluation.json").read_text())
+    create_table_artifact(table=result["sweep"], key="neon-fid-vs-w", description="classifier FID per w")
+    return manifest
 
 
 @flow(name="neon-stage", flow_run_name="{stage}", log_prints=True, persist_result=False)

@@ -36,7 +36,11 @@ def generate(model: nn.Module, family: Family, settings, image_shape: tuple[int,
         noise = PerSampleNoise(chunk, device)
         latents = noise((len(chunk), *image_shape))
         lab = None if labels is None else labels[start:start + batch_size]
-        out.append(to_uint8(family.sample(model, latents, settings, lab, noise)).cpu())
+        images = family.sample(model, latents, settings, lab, noise)
+        if not torch.isfinite(images).all():
+            raise FloatingPointError(f"the sampler produced NaN/inf images for seeds {chunk[0]}..{chunk[-1]}: "
+                                     "the model's weights are broken (e.g. a too large |w|) or the sampler diverged")
+        out.append(to_uint8(images).cpu())
         if progress:
             progress(start + len(chunk), len(seeds))
     return torch.cat(out)

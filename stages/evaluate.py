@@ -1,149 +1,167 @@
-"""Stage `evaluate`: FID of the base and of every merged model against the real data's statistics.
+"""Stage `evaluate`: how good is each model, how sure are we, and which w is best.
 
-Every model is sampled with the same per-sample seeds (common random numbers), so differences
-between models are not sampling noise of the latents. Per-model results are cached by content
-(model digest, reference digest, settings) in the work folder, so changing `merge.weights` only
-evaluates the new weights.
+1. Sweep: the base (w = 0) and every merged checkpoint, classifier-space FID/KID/precision/recall.
+2. Refine: golden-section search for w inside the sweep's best bracket (merged in memory).
+3. Confirm: base and best w on `seeds` fresh sample seeds, in every feature space; a bootstrap
+   interval for the classifier FID. The verdict "Neon improved FID" needs the gain to exceed
+   twice the standard error of the difference of the seed means.
+All models use the same per-sample seeds (common random numbers). Each measurement is cached by
+content (model identity, seed, sample count, settings, reference), so a rerun that changes only
+`merge.weights` measures only the new weights.
 """
 from __future__ import annotations
 
-import csv
 import json
+import math
 import shutil
-from pathlib import Path
 
 import numpy as np
-import torch
-from cleanfid.fid import frechet_distance
-from safetensors.torch import load_file
 
-from models.classifier import FeatureNet, extract
+from models import checkpoint, metrics
+from models.merge import merge
 from models.sampling import generate
-from stages.artifacts import artifact, atomic_file, input_ref, read_manifest, sha256_bytes, sha256_file, verify
-from stages.common import (BASE, EVALUATE, MERGED, MODEL_FILE, REFERENCE, RESULTS, WORK, StageError, device, device_name,
-                           save_images,
-                           log, progress)
+from stages import report
+from stages.artifacts import artifact, atomic_file, input_ref, read_manifest, sha256_bytes, verify
+from stages.common import (BASE, DATA, EVALUATE, MERGED, MODEL_FILE, REFERENCE, RESULTS, SELFTRAINED, SYNTHETIC,
+                           WORK, StageError,
+                           device, device_name, load_images, log, progress, save_images)
+from stages.merge import merged_name
 from stages.model_config import load
 from stages.params import EvaluateParams, ModelParams, SampleParams
+from stages.reference import load_spaces
+from stages.wsearch import bracket, golden_section
+
+CACHE = WORK / "evaluate"
 
 
-def load_feature_net() -> tuple[FeatureNet, np.ndarray, np.ndarray, str]:
-    verify(REFERENCE)
-    state = load_file(str(REFERENCE / "classifier.safetensors"))
-    manifest = read_manifest(REFERENCE)
-    shape = read_manifest(Path(manifest["inputs"]["data"]["path"]))["data"]["shape"]
-    net = FeatureNet(shape[0], state["head.weight"].shape[0], state["head.weight"].shape[1])
-    net(torch.zeros(1, *shape, dtype=torch.uint8))  # materialise the lazy layer
-    net.load_state_dict(state)
-    with np.load(REFERENCE / "stats.npz", allow_pickle=False) as z:
-        mu, sigma = z["mu"], z["sigma"]
-    return net.eval(), mu, sigma, manifest["reference"]["feature_space"]
-
-
-def fid(features: torch.Tensor, mu_ref: np.ndarray, sigma_ref: np.ndarray) -> float:
-    f = features.to(torch.float64).numpy()
-    if not np.isfinite(f).all():
-        raise StageError("generated images gave non-finite features; the model produces NaN images")
-    return float(frechet_distance(f.mean(axis=0), np.cov(f, rowvar=False), mu_ref, sigma_ref))
-
-
-def save_grid(path: Path, images: np.ndarray, grid: int, scale: int = 2) -> None:
-    from PIL import Image
-
-    n = min(grid * grid, len(images))
-    c, h, w = images.shape[1:]
-    canvas = np.zeros((grid * h, grid * w, c), dtype=np.uint8)
-    for i in range(n):
-        r, q = divmod(i, grid)
-        canvas[r * h:(r + 1) * h, q * w:(q + 1) * w] = images[i].transpose(1, 2, 0)
-    img = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
-    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
-
-
-def save_plot(path: Path, rows: list[dict], feature_space: str, n: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.4), dpi=120)
-    ax.plot([r["w"] for r in rows], [r["fid"] for r in rows], "o-")
-    ax.axhline(rows[0]["fid"], color="grey", ls="--", lw=1, label="base (w = 0)")
-    ax.set_xlabel("Neon weight w")
-    ax.set_ylabel(f"FID ({feature_space} features, n={n})")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+def _check(p: EvaluateParams, spaces: dict) -> None:
+    clf = spaces["classifier"]
+    if p.n <= clf.dim:
+        raise StageError(f"evaluate.n = {p.n} samples cannot estimate the {clf.dim}-d classifier covariance; "
+                         f"set evaluate.n above {clf.dim} (500+ recommended)")
+    if p.n <= p.k or (p.inception_n and p.inception_n <= p.k):
+        raise StageError(f"precision/recall with k = {p.k} needs more than {p.k} samples: raise evaluate.n and "
+                         "evaluate.inception_n (or lower evaluate.k)")
+    if p.inception_n and "inception" not in spaces:
+        raise StageError("evaluate.inception_n > 0 needs Inception reference statistics: set reference.inception_n > 0 "
+                         "(or evaluate.inception_n: 0)")
 
 
 def run(p: EvaluateParams, sample_p: SampleParams, model_p: ModelParams, step=None) -> dict:
     step = step or (lambda name, fn, *args: fn(*args))
     verify(MERGED)
-    merged = read_manifest(MERGED)
-    inputs = {"base": input_ref(BASE), "merged": input_ref(MERGED), "reference": input_ref(REFERENCE)}
-    net, mu_ref, sigma_ref, space = load_feature_net()
-    if p.n <= mu_ref.shape[0]:
-        raise StageError(f"evaluate.n = {p.n} samples cannot estimate a {mu_ref.shape[0]}-d covariance; "
-                         f"set evaluate.n above {mu_ref.shape[0]} (500+ recommended)")
+    inputs = {"base": input_ref(BASE), "selftrained": input_ref(SELFTRAINED), "merged": input_ref(MERGED),
+              "reference": input_ref(REFERENCE)}
+    spaces = load_spaces()
+    _check(p, spaces)
     dev = device()
-    candidates = [(0.0, BASE / MODEL_FILE)] + [(w, MERGED / f"w={w:g}.safetensors") for w in merged["params"]["weights"]]
-    settings_key = json.dumps([p.model_dump(exclude={"grid"}), sample_p.sampler.model_dump(),
-                               inputs["reference"]["digest"]], sort_keys=True)
-    cache = WORK / "evaluate"
-    cache.mkdir(parents=True, exist_ok=True)
+    template, fam, config = load(BASE / MODEL_FILE, model_p)
+    shape = tuple(config["image_shape"])
+    settings = fam.sampler_settings(sample_p.sampler.model_dump())
+    base_state, _ = checkpoint.read(BASE / MODEL_FILE)
+    selftrained_state, _ = checkpoint.read(SELFTRAINED / MODEL_FILE)
+    grid_ws = list(read_manifest(MERGED)["params"]["weights"])
+    settings_key = json.dumps([sample_p.sampler.model_dump(), p.batch_size, p.k, p.grid, inputs["reference"]["digest"]])
+    CACHE.mkdir(parents=True, exist_ok=True)
 
-    def evaluate_model(w: float, path: Path) -> dict:
-        key = sha256_bytes((sha256_file(path) + settings_key).encode())[:24]
-        hit = cache / f"{key}.json"
-        if hit.exists() and (cache / f"{key}.npz").exists():
-            log(f"[evaluate] w = {w:g}: cached")
+    def state_for(w: float):
+        if w == 0:
+            return base_state
+        if w in grid_ws:  # the shipped artifact itself
+            return checkpoint.read(MERGED / merged_name(w))[0]
+        return merge(base_state, selftrained_state, w)
+
+    def measure(w: float, seed_run: int, n_by_space: dict[str, int], bootstrap: int = 0) -> dict:
+        identity = [inputs["base"]["digest"], inputs["selftrained"]["digest"] if w else None, w]
+        key = sha256_bytes(json.dumps([identity, seed_run, n_by_space, bootstrap, settings_key]).encode())[:24]
+        hit = CACHE / f"{key}.json"
+        if hit.exists():
+            log(f"[evaluate] w = {w:g}, seed run {seed_run}: cached")
             return json.loads(hit.read_text())
-        model, fam, config = load(path, model_p)
-        images = generate(model.to(dev), fam, fam.sampler_settings(sample_p.sampler.model_dump()),
-                          tuple(config["image_shape"]), list(range(p.seed, p.seed + p.n)), p.batch_size,
-                          device=dev, progress=progress(f"evaluate w={w:g}"))
-        result = {"w": w, "fid": fid(extract(net, images), mu_ref, sigma_ref)}
-        with atomic_file(cache / f"{key}.npz") as tmp:
+        template.load_state_dict(state_for(w))
+        n = max(n_by_space.values())
+        first = p.seed + seed_run * p.n
+        images = generate(template.to(dev), fam, settings, shape, list(range(first, first + n)), p.batch_size,
+                          device=dev, progress=progress(f"evaluate w={w:g} seed run {seed_run}"))
+        metrics.check_images(images, tuple(read_manifest(DATA)["data"]["shape"]), f"w = {w:g}")
+        result = {"w": w, "seed_run": seed_run, "key": key}
+        for name, count in n_by_space.items():
+            space = spaces[name]
+            feats = space.extract(images[:count])
+            prec, rec = metrics.precision_recall(feats, space.real[:count], p.k)  # equal counts where possible
+            result[name] = {"n": count, "fid": metrics.fid(feats, space.mu, space.sigma),
+                            "kid": metrics.kid(feats, space.real), "precision": prec, "recall": rec}
+            if bootstrap and name == "classifier":
+                result[name]["fid_interval"] = metrics.fid_bootstrap(feats, space.mu, space.sigma, bootstrap)
+        with atomic_file(CACHE / f"{key}.npz") as tmp:
             save_images(tmp, images[: p.grid * p.grid].numpy())
         with atomic_file(hit) as tmp:
-            tmp.write_text(json.dumps({**result, "key": key}))
-        log(f"[evaluate] w = {w:g}: FID {result['fid']:.3f}")
-        return {**result, "key": key}
+            tmp.write_text(json.dumps(result))
+        log(f"[evaluate] w = {w:g}, seed run {seed_run}: " +
+            ", ".join(f"{s} FID {result[s]['fid']:.3f}" for s in n_by_space))
+        return result
 
+    clf_only = {"classifier": p.n}
     with artifact(EVALUATE, "evaluate", {"evaluate": p.model_dump(), "sampler": sample_p.sampler.model_dump()},
                   inputs=inputs, device=device_name(dev)) as out:
-        rows = [step(f"evaluate w={w:g}", evaluate_model, w, path) for w, path in candidates]
-        best = min(rows, key=lambda r: r["fid"])
-        base_fid = rows[0]["fid"]
-        metrics = {"feature_space": space, "n": p.n, "fid_base": base_fid,
-                   "fid": {f"w={r['w']:g}": r["fid"] for r in rows}, "best_w": best["w"], "best_fid": best["fid"],
-                   "relative_change": (best["fid"] - base_fid) / base_fid}
-        (out.path("metrics.json")).write_text(json.dumps(metrics, indent=2) + "\n")
-        with open(out.path("fid_vs_w.csv"), "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["w", "fid"])
-            writer.writeheader()
-            writer.writerows({"w": r["w"], "fid": round(r["fid"], 6)} for r in rows)
-        save_plot(out.path("fid_vs_w.png"), rows, space, p.n)
-        for name, row in (("grid_base.png", rows[0]), ("grid_best.png", best)):
-            with np.load(cache / f"{row['key']}.npz", allow_pickle=False) as z:
-                save_grid(out.path(name), z["images"], p.grid)
-        out.path("report.md").write_text(report(metrics, rows))
-    # DVC's metrics and plots (small, kept in git) mirror the artifact's.
-    for name in ("metrics.json", "fid_vs_w.csv"):
+        sweep = [step(f"sweep w={w:g}", measure, w, 0, clf_only) for w in [0.0] + grid_ws]
+        lo, hi, at_edge = bracket([(r["w"], r["classifier"]["fid"]) for r in sweep])
+        refined = []
+
+        def objective(w: float) -> float:
+            refined.append(step(f"refine w={w:.4g}", measure, round(w, 4), 0, clf_only))
+            return refined[-1]["classifier"]["fid"]
+
+        golden_section(objective, lo, hi, p.refine)
+        curve = sorted(sweep + refined, key=lambda r: r["w"])
+        best_w = min(curve, key=lambda r: r["classifier"]["fid"])["w"]
+        spaces_n = {"classifier": p.n, **({"inception": p.inception_n} if p.inception_n else {})}
+        confirm = {label: [step(f"confirm {label} seed run {k}", measure, w, k, spaces_n, p.bootstrap if k == 1 else 0)
+                           for k in range(1, p.seeds + 1)]
+                   for label, w in (("base", 0.0), ("neon", best_w))}
+        summary = summarise(confirm, spaces_n)
+        result = {"feature_spaces": {name: {"dim": spaces[name].dim, "n_generated": n,
+                                            "n_real": int(len(spaces[name].real))} for name, n in spaces_n.items()},
+                  "best_w": best_w, "best_at_sweep_edge": at_edge and best_w in (curve[0]["w"], curve[-1]["w"]),
+                  "sweep": [{"w": r["w"], "stage": "sweep" if r in sweep else "refine", **r["classifier"]} for r in curve],
+                  "confirm": summary, "seeds": p.seeds}
+        grids = {label: load_images(CACHE / f"{confirm[label][0]['key']}.npz")[0] for label in confirm}
+        report.write(out, result, grids, p.grid, lineage=_lineage_summary(inputs))
+    for name in ("metrics.json", "fid_vs_w.csv"):  # DVC's metrics and plots (small, kept in git)
         with atomic_file(RESULTS / name) as tmp:
             shutil.copyfile(EVALUATE / name, tmp)
-    log(report(metrics, rows))
+    log((EVALUATE / "report.md").read_text())
     return out.manifest
 
 
-def report(metrics: dict, rows: list[dict]) -> str:
-    base = metrics["fid_base"]
-    lines = [f"FID ({metrics['feature_space']} features, {metrics['n']} samples per model, lower is better)", "",
-             "| model | w | FID | vs base |", "|---|---|---|---|"]
-    for r in rows:
-        name = "base" if r["w"] == 0 else "neon"
-        lines.append(f"| {name} | {r['w']:g} | {r['fid']:.3f} | {100 * (r['fid'] - base) / base:+.1f}% |")
-    verdict = (f"best w = {metrics['best_w']:g}: FID {base:.3f} -> {metrics['best_fid']:.3f}"
-               if metrics["best_w"] != 0 else f"no w in the sweep beat the base (FID {base:.3f})")
-    return "\n".join(lines + ["", verdict, ""])
+def summarise(confirm: dict[str, list[dict]], spaces_n: dict[str, int]) -> dict:
+    out = {}
+    for space in spaces_n:
+        per = {}
+        for label, runs in confirm.items():
+            values = [r[space]["fid"] for r in runs]
+            per[label] = {"fid_mean": float(np.mean(values)), "fid_std": float(np.std(values, ddof=1)),
+                          "fid_runs": values,
+                          **{m: float(np.mean([r[space][m] for r in runs])) for m in ("kid", "precision", "recall")}}
+            if "fid_interval" in runs[0][space]:
+                per[label]["fid_interval_seed1"] = runs[0][space]["fid_interval"]
+        b, n = per["base"], per["neon"]
+        k = len(confirm["base"])
+        se = math.sqrt((b["fid_std"] ** 2 + n["fid_std"] ** 2) / k)
+        gain = b["fid_mean"] - n["fid_mean"]
+        per["gain"] = gain
+        per["relative_gain"] = gain / b["fid_mean"] if b["fid_mean"] else 0.0
+        per["noise"] = 2 * se
+        per["improved"] = bool(gain > 2 * se)
+        out[space] = per
+    return out
+
+
+def _lineage_summary(inputs: dict) -> list[tuple[str, str]]:
+    base = read_manifest(BASE)
+    return [("base checkpoint", f"{base['checkpoint']['source']} (sha256 {base['checkpoint']['sha256'][:16]}…)"),
+            ("synthetic set", f"artifacts/synthetic (digest {read_manifest(SYNTHETIC)['digest'][:16]}…)"),
+            ("self-trained", f"artifacts/selftrained (digest {inputs['selftrained']['digest'][:16]}…)"),
+            ("merged", f"artifacts/merged (digest {inputs['merged']['digest'][:16]}…)"),
+            ("reference", f"artifacts/reference (digest {inputs['reference']['digest'][:16]}…)"),
+            ("code", f"{base['code']['git_commit']}{' (dirty)' if base['code']['dirty'] else ''}")]

@@ -6,12 +6,11 @@ import os
 import shutil
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from flows import server
 from stages import store
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,29 +36,9 @@ def s3_store(tmp_path_factory):
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect")
-    port = store.free_port_pair(26000)
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_API_URL": ""}
-    log = open(home / "server.log", "wb")
-    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"Prefect server did not start; see {home / 'server.log'}")
-        time.sleep(0.5)
+    url = server.start(home)
     yield url
-    os.killpg(proc.pid, 15)
-    proc.wait(timeout=30)
-    log.close()
+    server.stop(home)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,70 @@
+"""Sample-quality metrics on features: FID and KID (clean-fid's own functions), precision/recall
+(Kynkaanniemi et al. 2019, k-NN balls, k = 5 as in the paper), and a bootstrap interval for FID."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from cleanfid.fid import frechet_distance, kernel_distance
+
+
+class MetricInputError(ValueError):
+    pass
+
+
+def check_images(images: torch.Tensor, shape: tuple[int, ...], what: str) -> None:
+    """Generated images must be uint8 (N, *shape): anything else would give a silent, wrong FID."""
+    if images.dtype != torch.uint8:
+        raise MetricInputError(f"{what}: images are {images.dtype}, expected uint8 in [0, 255] (quantise them first)")
+    if tuple(images.shape[1:]) != tuple(shape):
+        raise MetricInputError(f"{what}: images are {tuple(images.shape[1:])}, the reference data is {tuple(shape)}")
+
+
+def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if not np.isfinite(features).all():
+        raise MetricInputError("features contain NaN or inf: the generator produced non-finite images")
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def fid(features: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray) -> float:
+    if features.shape[1] != mu_ref.shape[0]:
+        raise MetricInputError(f"features are {features.shape[1]}-d, the reference statistics {mu_ref.shape[0]}-d")
+    if len(features) < 2:
+        raise MetricInputError(f"FID needs at least 2 samples, got {len(features)}")
+    mu, sigma = statistics(features)
+    return float(frechet_distance(mu, sigma, mu_ref, sigma_ref))
+
+
+def kid(features: np.ndarray, real_features: np.ndarray, seed: int = 0) -> float:
+    state = np.random.get_state()
+    np.random.seed(seed)  # clean-fid draws its subsets from numpy's global generator
+    try:
+        return float(kernel_distance(features, real_features, num_subsets=100, max_subset_size=1000))
+    finally:
+        np.random.set_state(state)
+
+
+def _kth_radius(x: torch.Tensor, k: int) -> torch.Tensor:
+    d = torch.cdist(x, x)
+    return d.kthvalue(k + 1, dim=1).values  # +1: the point itself is its own nearest neighbour
+
+
+def precision_recall(features: np.ndarray, real_features: np.ndarray, k: int = 5) -> tuple[float, float]:
+    """Precision: share of generated samples inside some real k-NN ball; recall: the reverse."""
+    g = torch.from_numpy(np.asarray(features, dtype=np.float64))
+    r = torch.from_numpy(np.asarray(real_features, dtype=np.float64))
+    if min(len(g), len(r)) <= k:
+        raise MetricInputError(f"precision/recall with k={k} needs more than {k} samples on each side")
+    r_rad, g_rad = _kth_radius(r, k), _kth_radius(g, k)
+    d = torch.cdist(g, r)  # (n_gen, n_real)
+    precision = (d <= r_rad[None, :]).any(dim=1).double().mean().item()
+    recall = (d <= g_rad[:, None]).any(dim=0).double().mean().item()
+    return precision, recall
+
+
+def fid_bootstrap(features: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray, rounds: int = 100,
+                  seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of FID over resamplings (with replacement) of the generated features."""
+    rng = np.random.default_rng(seed)
+    values = [fid(features[rng.integers(0, len(features), len(features))], mu_ref, sigma_ref) for _ in range(rounds)]
+    lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)

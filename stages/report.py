@@ -1,0 +1,167 @@
+"""The evaluation's outputs: metrics for DVC, the FID-vs-w curve, sample grids, and one report in
+Markdown and in self-contained HTML (images inlined), which people would rather look at."""
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+
+from stages.artifacts import ArtifactWriter
+
+
+def grid_image(images: np.ndarray, grid: int, scale: int = 2):
+    from PIL import Image
+
+    c, h, w = images.shape[1:]
+    canvas = np.zeros((grid * h, grid * w, c), dtype=np.uint8)
+    for i in range(min(grid * grid, len(images))):
+        r, q = divmod(i, grid)
+        canvas[r * h:(r + 1) * h, q * w:(q + 1) * w] = images[i].transpose(1, 2, 0)
+    img = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
+    return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+
+
+def side_by_side(left, right, gap: int = 8):
+    from PIL import Image
+
+    out = Image.new(left.mode, (left.width + gap + right.width, max(left.height, right.height)), 255)
+    out.paste(left, (0, 0))
+    out.paste(right, (left.width + gap, 0))
+    return out
+
+
+def plot_curve(path: Path, result: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    space = result["confirm"]["classifier"]
+    fig, ax = plt.subplots(figsize=(6, 3.8), dpi=120)
+    for kind, marker in (("sweep", "o"), ("refine", "^")):
+        pts = [r for r in result["sweep"] if r["stage"] == kind]
+        ax.plot([r["w"] for r in pts], [r["fid"] for r in pts], marker, label=f"{kind} (seed run 0)")
+    ax.plot([r["w"] for r in result["sweep"]], [r["fid"] for r in result["sweep"]], "-", color="grey", lw=0.8)
+    ax.errorbar([0, result["best_w"]], [space["base"]["fid_mean"], space["neon"]["fid_mean"]],
+                yerr=[space["base"]["fid_std"], space["neon"]["fid_std"]], fmt="s", color="black", capsize=4,
+                label=f"mean ± std over {result['seeds']} fresh seeds")
+    ax.set_xlabel("Neon weight w  (w = 0: base)")
+    ax.set_ylabel(f"FID, classifier features (n={result['feature_spaces']['classifier']['n_generated']})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def dvc_metrics(result: dict) -> dict:
+    out = {"best_w": result["best_w"]}
+    for space, s in result["confirm"].items():
+        out[space] = {"fid_base": round(s["base"]["fid_mean"], 4), "fid_base_std": round(s["base"]["fid_std"], 4),
+                      "fid_neon": round(s["neon"]["fid_mean"], 4), "fid_neon_std": round(s["neon"]["fid_std"], 4),
+                      "relative_gain": round(s["relative_gain"], 4), "improved": s["improved"],
+                      "precision_base": round(s["base"]["precision"], 4), "precision_neon": round(s["neon"]["precision"], 4),
+                      "recall_base": round(s["base"]["recall"], 4), "recall_neon": round(s["neon"]["recall"], 4),
+                      "kid_base": round(s["base"]["kid"], 6), "kid_neon": round(s["neon"]["kid"], 6)}
+    return out
+
+
+def verdict(space: str, s: dict) -> str:
+    b, n = s["base"], s["neon"]
+    if s["improved"]:
+        return (f"{space}: Neon improved FID {b['fid_mean']:.3f} -> {n['fid_mean']:.3f} "
+                f"({100 * s['relative_gain']:.1f}%), beyond the noise ({s['noise']:.3f} = 2 standard errors)")
+    return (f"{space}: Neon did NOT improve FID beyond the noise: {b['fid_mean']:.3f} -> {n['fid_mean']:.3f} "
+            f"(gain {s['gain']:.3f}, noise {s['noise']:.3f} = 2 standard errors)")
+
+
+def markdown(result: dict, lineage: list[tuple[str, str]]) -> str:
+    lines = [f"# Neon evaluation", "", f"Best w = {result['best_w']:g} (chosen on classifier FID, seed run 0; "
+             f"confirmed on {result['seeds']} fresh seed runs)."]
+    if result["best_at_sweep_edge"]:
+        lines.append("The best w lies at the edge of the sweep: widen `merge.weights`.")
+    lines += ["", "| feature space | model | w | FID mean ± std | FID per seed | KID | precision | recall | n gen / n real |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for space, s in result["confirm"].items():
+        fs = result["feature_spaces"][space]
+        for label, w in (("base", 0), ("neon", result["best_w"])):
+            m = s[label]
+            runs = ", ".join(f"{v:.2f}" for v in m["fid_runs"])
+            interval = (f" (95% bootstrap {m['fid_interval_seed1'][0]:.2f}–{m['fid_interval_seed1'][1]:.2f})"
+                        if "fid_interval_seed1" in m else "")
+            lines.append(f"| {space} ({fs['dim']}-d) | {label} | {w:g} | {m['fid_mean']:.3f} ± {m['fid_std']:.3f}{interval} "
+                         f"| {runs} | {m['kid']:.4f} | {m['precision']:.3f} | {m['recall']:.3f} | {fs['n_generated']} / {fs['n_real']} |")
+    lines += [""] + [f"- {verdict(space, s)}" for space, s in result["confirm"].items()]
+    small = [f"{sp} ({fs['n_generated']} < {fs['dim']}-d)" for sp, fs in result["feature_spaces"].items()
+             if fs["n_generated"] < fs["dim"]]
+    if small:
+        lines.append(f"- Fewer samples than feature dimensions in {', '.join(small)}: that FID is biased upward; "
+                     "compare it only between models at equal n.")
+    lines += ["", "## FID vs w (classifier features, seed run 0)", "", "| w | found by | FID | KID | precision | recall |",
+              "|---|---|---|---|---|---|"]
+    for r in result["sweep"]:
+        lines.append(f"| {r['w']:g} | {r['stage']} | {r['fid']:.3f} | {r['kid']:.4f} | {r['precision']:.3f} | {r['recall']:.3f} |")
+    lines += ["", "## Lineage", ""] + [f"- {k}: {v}" for k, v in lineage]
+    return "\n".join(lines) + "\n"
+
+
+def _inline(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def html_page(md: str, out_dir: Path) -> str:
+    """Self-contained HTML: the Markdown's tables and lists rendered, images inlined."""
+    body, rows = [], []
+
+    def flush():
+        if rows:
+            head, *rest = rows
+            body.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>" +
+                        "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rest) +
+                        "</table>")
+            rows.clear()
+
+    for line in md.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if not set("".join(cells)) <= set("-"):
+                rows.append(cells)
+            continue
+        flush()
+        if line.startswith("## "):
+            body.append(f"<h2>{html.escape(line[3:])}</h2>")
+        elif line.startswith("# "):
+            body.append(f"<h1>{html.escape(line[2:])}</h1>")
+            body.append(f"<img alt='FID vs w' src='{_inline(out_dir / 'fid_vs_w.png')}'>")
+            body.append("<h2>Samples: base (left) vs best Neon (right), same seeds</h2>"
+                        f"<img alt='base vs neon samples' src='{_inline(out_dir / 'grid_compare.png')}'>")
+        elif line.startswith("- "):
+            body.append(f"<p>• {html.escape(line[2:])}</p>")
+        elif line:
+            body.append(f"<p>{html.escape(line)}</p>")
+    flush()
+    style = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto}table{border-collapse:collapse;"
+             "font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}img{display:block;margin:1em 0}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>Neon evaluation</title><style>{style}</style>" \
+           f"</head><body>{''.join(body)}</body></html>\n"
+
+
+def write(out: ArtifactWriter, result: dict, grids: dict[str, np.ndarray], grid: int,
+          lineage: list[tuple[str, str]]) -> None:
+    (out.path("evaluation.json")).write_text(json.dumps(result, indent=2) + "\n")
+    (out.path("metrics.json")).write_text(json.dumps(dvc_metrics(result), indent=2) + "\n")
+    with open(out.path("fid_vs_w.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["w", "stage", "fid", "kid", "precision", "recall"])
+        writer.writeheader()
+        writer.writerows({k: r[k] for k in writer.fieldnames} for r in result["sweep"])
+    plot_curve(out.path("fid_vs_w.png"), result)
+    base, neon = grid_image(grids["base"], grid), grid_image(grids["neon"], grid)
+    base.save(out.path("grid_base.png"))
+    neon.save(out.path("grid_best.png"))
+    side_by_side(base, neon).save(out.path("grid_compare.png"))
+    md = markdown(result, lineage)
+    out.path("report.md").write_text(md)
+    out.path("report.html").write_text(html_page(md, out.dir))
