@@ -45,10 +45,19 @@ def test_repro_runs_every_stage_and_writes_metrics(reproduced):
     root, _, out = reproduced
     assert stages_ran(out) == ["data", "reference", "train", "fetch", "sample", "finetune", "merge", "evaluate"]
     metrics = json.loads((root / "results" / "metrics.json").read_text())
-    assert metrics["feature_space"] == "classifier"
-    assert set(metrics["fid"]) == {"w=0", "w=0.5", "w=1"}
-    assert all(v >= 0 for v in metrics["fid"].values())
-    for picture in ("grid_base.png", "grid_best.png", "fid_vs_w.png"):
+    assert set(metrics) == {"best_w", "classifier", "inception"}
+    for space in ("classifier", "inception"):
+        assert metrics[space]["fid_base"] > 0 and metrics[space]["fid_base_std"] >= 0
+        assert 0 <= metrics[space]["precision_neon"] <= 1 and 0 <= metrics[space]["recall_base"] <= 1
+    evaluation = json.loads((root / "artifacts/evaluate/evaluation.json").read_text())
+    assert [r["stage"] for r in evaluation["sweep"]].count("refine") == 2  # tiny preset: evaluate.refine = 2
+    assert len(evaluation["confirm"]["inception"]["base"]["fid_runs"]) == 2  # evaluate.seeds = 2
+    report = (root / "artifacts/evaluate/report.md").read_text()
+    assert "classifier (128-d)" in report and "inception (2048-d)" in report
+    assert ("Neon improved FID" in report) or ("did NOT improve" in report)
+    html = (root / "artifacts/evaluate/report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2
+    for picture in ("grid_base.png", "grid_best.png", "grid_compare.png", "fid_vs_w.png"):
         assert (root / "artifacts" / "evaluate" / picture).stat().st_size > 0
 
 
@@ -93,7 +102,7 @@ def test_changing_a_merge_param_reruns_only_merge_and_evaluate(reproduced):
         proc = run(["dvc", "repro"], root, env)
         out = proc.stdout + proc.stderr
         assert stages_ran(out) == ["merge", "evaluate"]
-        assert "w = 0.5: cached" in out and "w = 1: cached" in out  # per-w evaluations are reused
+        assert "w = 0.5, seed run 0: cached" in out and "w = 1, seed run 0: cached" in out  # reused per w
     finally:
         (root / "params.yaml").write_text(old)
         run(["dvc", "repro"], root, env)
