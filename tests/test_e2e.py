@@ -61,6 +61,27 @@ def test_repro_runs_every_stage_and_writes_metrics(reproduced):
         assert (root / "artifacts" / "evaluate" / picture).stat().st_size > 0
 
 
+def test_html_report_renders_headless(reproduced, tmp_path):
+    """The report opens in a browser: Debian's Chromium renders it to a PNG that is not blank."""
+    import shutil
+    import subprocess
+
+    from PIL import Image, ImageStat
+
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("chromium is not installed (.ci/run installs Debian's chromium)")
+    root, _, _ = reproduced
+    shot = tmp_path / "report.png"
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1000,1600", f"--screenshot={shot}",
+                    (root / "artifacts/evaluate/report.html").as_uri()], capture_output=True, timeout=120, check=True)
+    image = Image.open(shot).convert("L")
+    assert image.size == (1000, 1600)
+    assert ImageStat.Stat(image).stddev[0] > 20  # text, the plot and the grids, not an empty page
+
+
 def test_artifacts_are_in_the_bucket_with_version_ids(reproduced, s3_store):
     root, _, _ = reproduced
     fs = store.filesystem(s3_store.endpoint)
