@@ -26,6 +26,11 @@ class PerSampleNoise:
         return torch.stack([torch.randn(tuple(shape[1:]), generator=g) for g in self.generators]).to(self.device)
 
 
+def class_labels(indices: Iterable[int], label_dim: int) -> torch.Tensor | None:
+    """Balanced, deterministic classes: sample i gets class i mod label_dim (None when unconditional)."""
+    return torch.tensor([i % label_dim for i in indices], dtype=torch.long) if label_dim else None
+
+
 def generate(model: nn.Module, family: Family, settings, image_shape: tuple[int, ...], seeds: list[int],
              batch_size: int, labels: torch.Tensor | None = None, device: torch.device | str = "cpu",
              progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
@@ -35,7 +40,7 @@ def generate(model: nn.Module, family: Family, settings, image_shape: tuple[int,
         chunk = seeds[start:start + batch_size]
         noise = PerSampleNoise(chunk, device)
         latents = noise((len(chunk), *image_shape))
-        lab = None if labels is None else labels[start:start + batch_size]
+        lab = None if labels is None else labels[start:start + batch_size].to(device)
         images = family.sample(model, latents, settings, lab, noise)
         if not torch.isfinite(images).all():
             raise FloatingPointError(f"the sampler produced NaN/inf images for seeds {chunk[0]}..{chunk[-1]}: "

@@ -29,8 +29,13 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 def fit(model: nn.Module, loss_fn, images_u8: torch.Tensor, labels: torch.Tensor | None, *, steps: int,
         batch_size: int, lr: float, seed: int, ema_decay: float = 0.0, optimizer: str = "adam",
-        progress: Progress | None = None, log_every: int = 0) -> nn.Module:
-    """Train `model` in place on uint8 images (N, C, H, W); return the EMA copy (or the model if no EMA)."""
+        label_dropout: float = 0.0, null_label: int = -1, progress: Progress | None = None,
+        log_every: int = 0) -> nn.Module:
+    """Train `model` in place on uint8 images (N, C, H, W); return the EMA copy (or the model if no EMA).
+
+    With labels, a `label_dropout` share of them is replaced by `null_label` so that the model also
+    learns the unconditional score that classifier-free guidance needs.
+    """
     dev = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)  # batch order
     noise_gen = torch.Generator(device=dev).manual_seed(seed)  # the loss's noise
@@ -49,7 +54,12 @@ def fit(model: nn.Module, loss_fn, images_u8: torch.Tensor, labels: torch.Tensor
         idx = order[cursor:cursor + batch_size]
         cursor += batch_size
         batch = to_unit_range(images_u8[idx]).to(dev)
-        loss = loss_fn(model, batch, None if labels is None else labels[idx].to(dev), noise_gen)
+        lab = None
+        if labels is not None:
+            lab = labels[idx].clone()
+            lab[torch.rand(len(idx), generator=gen) < label_dropout] = null_label
+            lab = lab.to(dev)
+        loss = loss_fn(model, batch, lab, noise_gen)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower the learning rate")
         opt.zero_grad(set_to_none=True)

@@ -19,7 +19,7 @@ import numpy as np
 
 from models import checkpoint, metrics
 from models.merge import merge
-from models.sampling import generate
+from models.sampling import class_labels, generate
 from stages import report
 from stages.artifacts import artifact, atomic_file, input_ref, read_manifest, sha256_bytes, verify
 from stages.common import (BASE, DATA, EVALUATE, MERGED, MODEL_FILE, REFERENCE, RESULTS, SELFTRAINED, SYNTHETIC,
@@ -29,7 +29,7 @@ from stages.merge import merged_name
 from stages.model_config import load
 from stages.params import EvaluateParams, ModelParams, SampleParams
 from stages.reference import load_spaces
-from stages.wsearch import bracket, golden_section
+from stages.wsearch import bracket, golden_section, quadratic_argmin
 
 CACHE = WORK / "evaluate"
 
@@ -57,7 +57,7 @@ def run(p: EvaluateParams, sample_p: SampleParams, model_p: ModelParams, step=No
     dev = device()
     template, fam, config = load(BASE / MODEL_FILE, model_p)
     shape = tuple(config["image_shape"])
-    settings = fam.sampler_settings(sample_p.sampler.model_dump())
+    g0 = sample_p.sampler.guidance
     base_state, _ = checkpoint.read(BASE / MODEL_FILE)
     selftrained_state, _ = checkpoint.read(SELFTRAINED / MODEL_FILE)
     grid_ws = list(read_manifest(MERGED)["params"]["weights"])
@@ -71,20 +71,23 @@ def run(p: EvaluateParams, sample_p: SampleParams, model_p: ModelParams, step=No
             return checkpoint.read(MERGED / merged_name(w))[0]
         return merge(base_state, selftrained_state, w)
 
-    def measure(w: float, seed_run: int, n_by_space: dict[str, int], bootstrap: int = 0) -> dict:
+    def measure(w: float, seed_run: int, n_by_space: dict[str, int], bootstrap: int = 0, guidance: float = g0) -> dict:
         identity = [inputs["base"]["digest"], inputs["selftrained"]["digest"] if w else None, w]
-        key = sha256_bytes(json.dumps([identity, seed_run, n_by_space, bootstrap, settings_key]).encode())[:24]
+        key = sha256_bytes(json.dumps([identity, seed_run, n_by_space, bootstrap, guidance, settings_key]).encode())[:24]
         hit = CACHE / f"{key}.json"
+        label = f"w = {w:g}" + (f", guidance {guidance:g}" if model_p.label_dim else "")
         if hit.exists():
-            log(f"[evaluate] w = {w:g}, seed run {seed_run}: cached")
+            log(f"[evaluate] {label}, seed run {seed_run}: cached")
             return json.loads(hit.read_text())
         template.load_state_dict(state_for(w))
         n = max(n_by_space.values())
         first = p.seed + seed_run * p.n
+        settings = fam.sampler_settings({**sample_p.sampler.model_dump(), "guidance": guidance})
         images = generate(template.to(dev), fam, settings, shape, list(range(first, first + n)), p.batch_size,
-                          device=dev, progress=progress(f"evaluate w={w:g} seed run {seed_run}"))
-        metrics.check_images(images, tuple(read_manifest(DATA)["data"]["shape"]), f"w = {w:g}")
-        result = {"w": w, "seed_run": seed_run, "key": key}
+                          labels=class_labels(range(n), model_p.label_dim), device=dev,
+                          progress=progress(f"evaluate {label} seed run {seed_run}"))
+        metrics.check_images(images, tuple(read_manifest(DATA)["data"]["shape"]), label)
+        result = {"w": w, "guidance": guidance, "seed_run": seed_run, "key": key}
         for name, count in n_by_space.items():
             space = spaces[name]
             feats = space.extract(images[:count])
@@ -97,33 +100,45 @@ def run(p: EvaluateParams, sample_p: SampleParams, model_p: ModelParams, step=No
             save_images(tmp, images[: p.grid * p.grid].numpy())
         with atomic_file(hit) as tmp:
             tmp.write_text(json.dumps(result))
-        log(f"[evaluate] w = {w:g}, seed run {seed_run}: " +
+        log(f"[evaluate] {label}, seed run {seed_run}: " +
             ", ".join(f"{s} FID {result[s]['fid']:.3f}" for s in n_by_space))
         return result
 
     clf_only = {"classifier": p.n}
     with artifact(EVALUATE, "evaluate", {"evaluate": p.model_dump(), "sampler": sample_p.sampler.model_dump()},
                   inputs=inputs, device=device_name(dev)) as out:
-        sweep = [step(f"sweep w={w:g}", measure, w, 0, clf_only) for w in [0.0] + grid_ws]
-        lo, hi, at_edge = bracket([(r["w"], r["classifier"]["fid"]) for r in sweep])
+        guidances = sorted({g0, *p.guidance}) if model_p.label_dim else [g0]
+        sweep = [step(f"sweep w={w:g} g={g:g}", measure, w, 0, clf_only, 0, g) for g in guidances for w in [0.0] + grid_ws]
         refined = []
+        if len(guidances) > 1:  # joint search: quadratic surface through the (w, guidance) grid
+            w_star, g_star = quadratic_argmin([(r["w"], r["guidance"], r["classifier"]["fid"]) for r in sweep])
+            if (round(w_star, 4), round(g_star, 4)) not in {(r["w"], r["guidance"]) for r in sweep}:
+                refined.append(step("refine (w, g)", measure, round(w_star, 4), 0, clf_only, 0, round(g_star, 4)))
+        else:
+            lo, hi, _ = bracket([(r["w"], r["classifier"]["fid"]) for r in sweep])
 
-        def objective(w: float) -> float:
-            refined.append(step(f"refine w={w:.4g}", measure, round(w, 4), 0, clf_only))
-            return refined[-1]["classifier"]["fid"]
+            def objective(w: float) -> float:
+                refined.append(step(f"refine w={w:.4g}", measure, round(w, 4), 0, clf_only))
+                return refined[-1]["classifier"]["fid"]
 
-        golden_section(objective, lo, hi, p.refine)
-        curve = sorted(sweep + refined, key=lambda r: r["w"])
-        best_w = min(curve, key=lambda r: r["classifier"]["fid"])["w"]
+            golden_section(objective, lo, hi, p.refine)
+        curve = sorted(sweep + refined, key=lambda r: (r["guidance"], r["w"]))
+        best = min(curve, key=lambda r: r["classifier"]["fid"])
+        best_base = min((r for r in curve if r["w"] == 0), key=lambda r: r["classifier"]["fid"])
+        best_w = best["w"]
         spaces_n = {"classifier": p.n, **({"inception": p.inception_n} if p.inception_n else {})}
-        confirm = {label: [step(f"confirm {label} seed run {k}", measure, w, k, spaces_n, p.bootstrap if k == 1 else 0)
+        confirm = {label: [step(f"confirm {label} seed run {k}", measure, r["w"], k, spaces_n,
+                                p.bootstrap if k == 1 else 0, r["guidance"])
                            for k in range(1, p.seeds + 1)]
-                   for label, w in (("base", 0.0), ("neon", best_w))}
+                   for label, r in (("base", best_base), ("neon", best))}
         summary = summarise(confirm, spaces_n)
         result = {"feature_spaces": {name: {"dim": spaces[name].dim, "n_generated": n,
                                             "n_real": int(len(spaces[name].real))} for name, n in spaces_n.items()},
-                  "best_w": best_w, "best_at_sweep_edge": at_edge and best_w in (curve[0]["w"], curve[-1]["w"]),
-                  "sweep": [{"w": r["w"], "stage": "sweep" if r in sweep else "refine", **r["classifier"]} for r in curve],
+                  "best_w": best_w, "best_guidance": best["guidance"], "base_guidance": best_base["guidance"],
+                  "conditional": bool(model_p.label_dim),
+                  "best_at_sweep_edge": best_w in (min(grid_ws + [0.0]), max(grid_ws)),
+                  "sweep": [{"w": r["w"], "guidance": r["guidance"], "stage": "sweep" if r in sweep else "refine",
+                             **r["classifier"]} for r in curve],
                   "confirm": summary, "seeds": p.seeds}
         grids = {label: load_images(CACHE / f"{confirm[label][0]['key']}.npz")[0] for label in confirm}
         report.write(out, result, grids, p.grid, lineage=_lineage_summary(inputs))

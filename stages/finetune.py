@@ -16,12 +16,15 @@ def run(p: FinetuneParams, model_p: ModelParams) -> dict:
     inputs = {"base": input_ref(BASE), "synthetic": input_ref(SYNTHETIC)}
     dev = device()
     model, fam, config = load(BASE / MODEL_FILE, model_p)
-    images = torch.from_numpy(load_synthetic())
+    images, labels = load_synthetic()
+    images = torch.from_numpy(images)
+    labels = None if labels is None else torch.from_numpy(labels)
     log(f"[finetune] {p.steps} steps x {p.batch_size} images ({p.steps * p.batch_size / len(images):.2f} epochs of "
         f"|S| = {len(images)}), {p.optimizer} lr {p.lr}, EMA {p.ema_decay} on {device_name(dev)}")
     with artifact(SELFTRAINED, "finetune", p.model_dump(), inputs=inputs, device=device_name(dev)) as out:
-        tuned = fit(model.to(dev), fam.loss(config), images, None, steps=p.steps, batch_size=p.batch_size, lr=p.lr,
-                    seed=p.seed, ema_decay=p.ema_decay, optimizer=p.optimizer, progress=progress("finetune"))
+        tuned = fit(model.to(dev), fam.loss(config), images, labels, steps=p.steps, batch_size=p.batch_size, lr=p.lr,
+                    seed=p.seed, ema_decay=p.ema_decay, optimizer=p.optimizer, label_dropout=model_p.label_dropout,
+                    null_label=model_p.label_dim, progress=progress("finetune"))
         checkpoint.save(out.path(MODEL_FILE), tuned.state_dict(), model_p.family, config,
                         extra={"base_digest": inputs["base"]["digest"], "synthetic_digest": inputs["synthetic"]["digest"]})
         out.extra["training"] = {"images_seen": p.steps * p.batch_size}

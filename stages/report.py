@@ -42,10 +42,14 @@ def plot_curve(path: Path, result: dict) -> None:
 
     space = result["confirm"]["classifier"]
     fig, ax = plt.subplots(figsize=(6, 3.8), dpi=120)
-    for kind, marker in (("sweep", "o"), ("refine", "^")):
-        pts = [r for r in result["sweep"] if r["stage"] == kind]
-        ax.plot([r["w"] for r in pts], [r["fid"] for r in pts], marker, label=f"{kind} (seed run 0)")
-    ax.plot([r["w"] for r in result["sweep"]], [r["fid"] for r in result["sweep"]], "-", color="grey", lw=0.8)
+    for g in sorted({r["guidance"] for r in result["sweep"]}):
+        line = [r for r in result["sweep"] if r["guidance"] == g]
+        tag = f", guidance {g:g}" if result["conditional"] else ""
+        ax.plot([r["w"] for r in line], [r["fid"] for r in line], "-", lw=0.8, color="grey")
+        for kind, marker in (("sweep", "o"), ("refine", "^")):
+            pts = [r for r in line if r["stage"] == kind]
+            if pts:
+                ax.plot([r["w"] for r in pts], [r["fid"] for r in pts], marker, label=f"{kind}{tag} (seed run 0)")
     ax.errorbar([0, result["best_w"]], [space["base"]["fid_mean"], space["neon"]["fid_mean"]],
                 yerr=[space["base"]["fid_std"], space["neon"]["fid_std"]], fmt="s", color="black", capsize=4,
                 label=f"mean ± std over {result['seeds']} fresh seeds")
@@ -59,6 +63,8 @@ def plot_curve(path: Path, result: dict) -> None:
 
 def dvc_metrics(result: dict) -> dict:
     out = {"best_w": result["best_w"]}
+    if result["conditional"]:
+        out.update(best_guidance=result["best_guidance"], base_guidance=result["base_guidance"])
     for space, s in result["confirm"].items():
         out[space] = {"fid_base": round(s["base"]["fid_mean"], 4), "fid_base_std": round(s["base"]["fid_std"], 4),
                       "fid_neon": round(s["neon"]["fid_mean"], 4), "fid_neon_std": round(s["neon"]["fid_std"], 4),
@@ -79,7 +85,11 @@ def verdict(space: str, s: dict) -> str:
 
 
 def markdown(result: dict, lineage: list[tuple[str, str]]) -> str:
-    lines = [f"# Neon evaluation", "", f"Best w = {result['best_w']:g} (chosen on classifier FID, seed run 0; "
+    chosen = f"w = {result['best_w']:g}"
+    if result["conditional"]:
+        chosen += (f" with guidance {result['best_guidance']:g} (the base's best guidance: "
+                   f"{result['base_guidance']:g}; joint search)")
+    lines = ["# Neon evaluation", "", f"Best {chosen} (chosen on classifier FID, seed run 0; "
              f"confirmed on {result['seeds']} fresh seed runs)."]
     if result["best_at_sweep_edge"]:
         lines.append("The best w lies at the edge of the sweep: widen `merge.weights`.")
@@ -100,10 +110,11 @@ def markdown(result: dict, lineage: list[tuple[str, str]]) -> str:
     if small:
         lines.append(f"- Fewer samples than feature dimensions in {', '.join(small)}: that FID is biased upward; "
                      "compare it only between models at equal n.")
-    lines += ["", "## FID vs w (classifier features, seed run 0)", "", "| w | found by | FID | KID | precision | recall |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "## FID vs w (classifier features, seed run 0)", "",
+              "| w | guidance | found by | FID | KID | precision | recall |", "|---|---|---|---|---|---|---|"]
     for r in result["sweep"]:
-        lines.append(f"| {r['w']:g} | {r['stage']} | {r['fid']:.3f} | {r['kid']:.4f} | {r['precision']:.3f} | {r['recall']:.3f} |")
+        lines.append(f"| {r['w']:g} | {r['guidance']:g} | {r['stage']} | {r['fid']:.3f} | {r['kid']:.4f} "
+                     f"| {r['precision']:.3f} | {r['recall']:.3f} |")
     lines += ["", "## Lineage", ""] + [f"- {k}: {v}" for k, v in lineage]
     return "\n".join(lines) + "\n"
 
@@ -154,7 +165,7 @@ def write(out: ArtifactWriter, result: dict, grids: dict[str, np.ndarray], grid:
     (out.path("evaluation.json")).write_text(json.dumps(result, indent=2) + "\n")
     (out.path("metrics.json")).write_text(json.dumps(dvc_metrics(result), indent=2) + "\n")
     with open(out.path("fid_vs_w.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["w", "stage", "fid", "kid", "precision", "recall"])
+        writer = csv.DictWriter(f, fieldnames=["w", "guidance", "stage", "fid", "kid", "precision", "recall"])
         writer.writeheader()
         writer.writerows({k: r[k] for k in writer.fieldnames} for r in result["sweep"])
     plot_curve(out.path("fid_vs_w.png"), result)

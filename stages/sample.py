@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.sampling import generate
+from models.sampling import class_labels, generate
 from stages.artifacts import artifact, atomic_file, input_ref, sha256_bytes
 from stages.common import BASE, MODEL_FILE, SYNTHETIC, WORK, device, device_name, load_images, log, progress, save_images
 from stages.model_config import load
@@ -64,10 +64,11 @@ def run(p: SampleParams, model_p: ModelParams, step=None) -> dict:
         def write_shard(start: int, stop: int) -> str:
             path = work / shard_name(start, stop)
             if not _complete(path, stop - start):
+                labels = class_labels(range(start, stop), model_p.label_dim)
                 images = generate(model, fam, settings, shape, list(range(p.seed + start, p.seed + stop)),
-                                  p.batch_size, device=dev)
+                                  p.batch_size, labels=labels, device=dev)
                 with atomic_file(path) as tmp:
-                    save_images(tmp, images.numpy())
+                    save_images(tmp, images.numpy(), None if labels is None else labels.numpy())
             report(stop, p.n)
             return path.name
 
@@ -79,5 +80,8 @@ def run(p: SampleParams, model_p: ModelParams, step=None) -> dict:
     return out.manifest
 
 
-def load_synthetic() -> np.ndarray:
-    return np.concatenate([load_images(path)[0] for path in sorted(SYNTHETIC.glob("shard-*.npz"))])
+def load_synthetic() -> tuple[np.ndarray, np.ndarray | None]:
+    """The synthetic images and, for a conditional model, the classes they were drawn for."""
+    shards = [load_images(path) for path in sorted(SYNTHETIC.glob("shard-*.npz"))]
+    labels = None if shards[0][1] is None else np.concatenate([lab for _, lab in shards])
+    return np.concatenate([img for img, _ in shards]), labels

@@ -41,3 +41,21 @@ def golden_section(f: Callable[[float], float], a: float, b: float, evals: int) 
             d = a + INV_PHI * (b - a)
             fd = ev(d)
     return seen
+
+
+def quadratic_argmin(points: list[tuple[float, float, float]]) -> tuple[float, float]:
+    """(w, g) minimising a quadratic surface fitted by least squares to (w, g, value) points, within
+    their bounding box: the paper's joint search over w and the guidance scale."""
+    import numpy as np
+
+    pts = np.asarray(points, dtype=np.float64)
+    w, g, v = pts[:, 0], pts[:, 1], pts[:, 2]
+    if len(pts) < 6:
+        best = int(np.argmin(v))
+        return float(w[best]), float(g[best])
+    design = np.stack([np.ones_like(w), w, g, w * w, g * g, w * g], axis=1)
+    coef, *_ = np.linalg.lstsq(design, v, rcond=None)
+    ww, gg = np.meshgrid(np.linspace(w.min(), w.max(), 101), np.linspace(g.min(), g.max(), 101))
+    surface = coef[0] + coef[1] * ww + coef[2] * gg + coef[3] * ww ** 2 + coef[4] * gg ** 2 + coef[5] * ww * gg
+    i = np.unravel_index(np.argmin(surface), surface.shape)
+    return float(ww[i]), float(gg[i])

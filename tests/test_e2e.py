@@ -201,6 +201,25 @@ def test_user_checkpoint_from_s3_skips_training(reproduced, s3_store):
         run(["dvc", "repro", "train", "fetch"], root, env)
 
 
+def test_conditional_model_with_joint_w_guidance_search(reproduced):
+    """model.label_dim turns on class conditioning; evaluate.guidance adds the joint (w, guidance) search."""
+    root, env, _ = reproduced
+    old = set_params(root, **{"model.label_dim": 10, "sample.sampler.guidance": 1.5, "evaluate.guidance": [1.0, 2.0],
+                              "evaluate.inception_n": 0})
+    try:
+        run(["dvc", "repro"], root, env)
+        labels = __import__("numpy").load(root / "artifacts/synthetic/shard-00000000-00000032.npz")["labels"]
+        assert labels.tolist() == [i % 10 for i in range(32)]  # balanced, deterministic classes
+        evaluation = json.loads((root / "artifacts/evaluate/evaluation.json").read_text())
+        assert evaluation["conditional"] is True
+        grid = {(r["w"], r["guidance"]) for r in evaluation["sweep"] if r["stage"] == "sweep"}
+        assert grid == {(w, g) for w in (0.0, 0.5, 1.0) for g in (1.0, 1.5, 2.0)}
+        metrics = json.loads((root / "results/metrics.json").read_text())
+        assert metrics["best_guidance"] in {r["guidance"] for r in evaluation["sweep"]}
+    finally:
+        (root / "params.yaml").write_text(old)
+
+
 def test_scheduled_deployment_is_registered(project, prefect_api):
     root, env = project
     out = run(["neon", "schedule", "apply", "--cron", "15 4 * * *"], root, env).stdout
