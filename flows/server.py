@@ -11,17 +11,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-from stages.store import free_port_pair
+from stages.store import free_port_pair, process_alive as _alive
 
 STATE = "server.json"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except OSError:
-        return False
 
 
 def running(home: Path) -> str | None:

@@ -71,7 +71,7 @@ def credentials() -> dict[str, str]:
     return {k: os.environ.get(k) or v for k, v in DEFAULT_CREDENTIALS.items()}
 
 
-def _alive(pid: int) -> bool:
+def processprocess_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
         return True
@@ -84,7 +84,7 @@ def read_info(state_dir: Path = DEFAULT_STATE_DIR) -> StoreInfo | None:
     if not path.exists():
         return None
     info = StoreInfo(**json.loads(path.read_text()))
-    return info if _alive(info.pid) else None
+    return info if process_alive(info.pid) else None
 
 
 def _wait_ready(info: StoreInfo, proc: subprocess.Popen, timeout: float) -> None:
@@ -144,9 +144,9 @@ def stop(state_dir: Path = DEFAULT_STATE_DIR, timeout: float = 20) -> bool:
         return False
     os.killpg(info.pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while _alive(info.pid) and time.monotonic() < deadline:
+    while process_alive(info.pid) and time.monotonic() < deadline:
         time.sleep(0.2)
-    if _alive(info.pid):
+    if process_alive(info.pid):
         os.killpg(info.pid, signal.SIGKILL)
     (Path(state_dir) / "store.json").unlink(missing_ok=True)
     return True
