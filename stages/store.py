@@ -71,7 +71,7 @@ def credentials() -> dict[str, str]:
     return {k: os.environ.get(k) or v for k, v in DEFAULT_CREDENTIALS.items()}
 
 
-def processprocess_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
         return True
