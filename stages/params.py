@@ -89,7 +89,7 @@ class FinetuneParams(Section):
 
 
 class MergeParams(Section):
-    weights: Annotated[list[float], Field(min_length=1)] = [0.5, 1.0, 1.5, 2.0]  # extrapolation weights w
+    weights: Annotated[list[float], Field(min_length=1)] = [0.5, 1.0, 1.5]  # extrapolation weights w
 
     @field_validator("weights")
     @classmethod
@@ -104,7 +104,7 @@ class MergeParams(Section):
 
 
 class EvaluateParams(Section):
-    n: Annotated[int, Field(ge=50)] = 500  # samples per model in the classifier space (sweep, refinement, seeds)
+    n: Annotated[int, Field(ge=50)] = 300  # samples per model in the classifier space (sweep, refinement, seeds)
     seed: int = 1_000_000  # sample i uses seed + i; the same latents for every model; seed run k starts at seed + k*n
     batch_size: PositiveInt = 250
     grid: Annotated[int, Field(ge=1, le=32)] = 8  # sample grid is grid x grid images
