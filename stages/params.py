@@ -47,7 +47,7 @@ class ReferenceParams(Section):
     batch_size: PositiveInt = 128
     lr: Annotated[float, Field(gt=0, le=1)] = 2e-3
     seed: int = 0
-    inception_n: Annotated[int, Field(ge=0)] = 500  # real images for Inception statistics (~0.14 s each on a CPU); 0 = no Inception
+    inception_n: Annotated[int, Field(ge=0)] = 300  # real images for Inception statistics (~0.14 s each on a CPU); 0 = no Inception
 
 
 class BaseParams(Section):
@@ -108,10 +108,10 @@ class EvaluateParams(Section):
     seed: int = 1_000_000  # sample i uses seed + i; the same latents for every model; seed run k starts at seed + k*n
     batch_size: PositiveInt = 250
     grid: Annotated[int, Field(ge=1, le=32)] = 8  # sample grid is grid x grid images
-    refine: Annotated[int, Field(ge=0, le=20)] = 3  # golden-section evaluations of w after the sweep
+    refine: Annotated[int, Field(ge=0, le=20)] = 2  # golden-section evaluations of w after the sweep
     seeds: Annotated[int, Field(ge=2, le=20)] = 3  # fresh sample seeds for base and best w (the noise estimate)
     bootstrap: Annotated[int, Field(ge=0, le=10000)] = 200  # bootstrap resamplings for the classifier-FID interval
-    inception_n: Annotated[int, Field(ge=0)] = 150  # samples per seed for Inception metrics at base and best w; 0 = none
+    inception_n: Annotated[int, Field(ge=0)] = 100  # samples per seed for Inception metrics at base and best w; 0 = none
     k: Annotated[int, Field(ge=1, le=50)] = 5  # neighbours for precision/recall (the paper uses 5)
     guidance: list[Annotated[float, Field(ge=0)]] = []  # conditional models: more guidance scales for the joint (w, guidance) search
 

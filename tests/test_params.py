@@ -11,8 +11,13 @@ REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 def test_defaults_parse():
     p = parse({})
     assert p == Params()
-    assert p.merge.weights == [0.5, 1.0, 1.5, 2.0]
+    assert p.merge.weights == [0.5, 1.0, 1.5]
     assert p.sample.sampler.num_steps == 10
+
+
+def test_params_yaml_documents_the_code_defaults():
+    """params.yaml is where users read the defaults: it must say what the code does with no params."""
+    assert load(REPO_PARAMS) == Params()
 
 
 def test_repository_params_load():
