@@ -14,10 +14,11 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 
-from models import checkpoint, metrics
+from models import checkpoint, inception, metrics, sampling
 from models.merge import merge
 from models.sampling import class_labels, generate
 from stages import report
@@ -61,7 +62,10 @@ def run(p: EvaluateParams, sample_p: SampleParams, model_p: ModelParams, step=No
     base_state, _ = checkpoint.read(BASE / MODEL_FILE)
     selftrained_state, _ = checkpoint.read(SELFTRAINED / MODEL_FILE)
     grid_ws = list(read_manifest(MERGED)["params"]["weights"])
-    settings_key = json.dumps([sample_p.sampler.model_dump(), p.batch_size, p.k, p.grid, inputs["reference"]["digest"]])
+    # The measuring code is part of the key: a fix to a metric must not be answered from the cache.
+    code = sha256_bytes(b"".join(Path(m.__file__).read_bytes() for m in (metrics, inception, sampling)))
+    settings_key = json.dumps([sample_p.sampler.model_dump(), p.batch_size, p.k, p.grid, inputs["reference"]["digest"],
+                               code])
     CACHE.mkdir(parents=True, exist_ok=True)
 
     def state_for(w: float):

@@ -61,6 +61,8 @@ def test_bootstrap_interval_narrows_with_more_samples(gaussian):
     lo_small, hi_small = metrics.fid_bootstrap(same[:100], mu, sigma, rounds=50)
     lo_big, hi_big = metrics.fid_bootstrap(same, mu, sigma, rounds=50)
     assert 0 < hi_big - lo_big < hi_small - lo_small
+    estimate = metrics.fid(same, mu, sigma)
+    assert lo_big <= estimate <= hi_big
 
 
 @pytest.mark.parametrize("images, message", [
