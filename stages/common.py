@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -61,15 +60,3 @@ def load_data() -> tuple[torch.Tensor, torch.Tensor | None]:
     images, labels = load_images(DATA / "images.npz")
     return torch.from_numpy(images), None if labels is None else torch.from_numpy(labels)
 
-
-def stage_entry(fn, *args):
-    """Run a stage; a StageError (or params/checkpoint error) ends it with one line and exit code 1."""
-    from models.checkpoint import CheckpointError
-    from models.merge import MergeError
-    from stages.params import ParamsError
-
-    try:
-        return fn(*args)
-    except (StageError, ParamsError, CheckpointError, MergeError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
