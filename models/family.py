@@ -1,29 +1,44 @@
 """The protocol every generator family implements, and the registry the stages look families up in.
 
-A family is a small record of plain functions: stages call only these, so a new family changes no
-stage code.
+A family is a small record of plain functions plus two option schemas: stages call only these, so a
+new family changes no stage code. Each family's options live in params.yaml under its own name
+(`model.<family>` for the architecture and loss, `sample.sampler.<family>` for the sampler).
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-# (model, images in [-1, 1], labels or None, generator) -> scalar training loss
+# The built-in families, imported on first lookup (each module registers itself).
+BUILTIN = ("models.edm", "models.flow", "models.toy")
+
+# (model, batch in model space, labels or None, generator) -> scalar training loss
 LossFn = Callable[[nn.Module, torch.Tensor, "torch.Tensor | None", "torch.Generator | None"], torch.Tensor]
-# (model, latents, settings, labels or None, per-sample noise source) -> images in [-1, 1]
+# (model, latents ~ N(0, I) shaped like the data, settings, labels or None, noise) -> samples in model space.
+# `noise(shape)` draws more per-sample N(0, I) noise (stochastic samplers); labels use `label_dim` as "no label".
 SampleFn = Callable[..., torch.Tensor]
+
+
+class Options(BaseModel):
+    """Base of every family's `Config` and `Settings`: unknown keys are errors, values are immutable."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 @dataclass(frozen=True)
 class Family:
     name: str
-    build: Callable[[dict[str, Any]], nn.Module]  # model config (incl. image_shape) -> model
-    loss: Callable[[dict[str, Any]], LossFn]  # model config -> training loss
+    summary: str  # one line: what the family is and which sampler settings are mode-seeking
+    Config: type[Options]  # architecture and loss options: params.yaml `model.<name>`
+    Settings: type[Options]  # sampler options: params.yaml `sample.sampler.<name>`
+    build: Callable[[dict[str, Any]], nn.Module]  # full config (Config + image_shape + label_dim) -> network
+    loss: Callable[[dict[str, Any]], LossFn]  # full config -> its own training loss
     sample: SampleFn
-    sampler_settings: Callable[[dict[str, Any]], Any]  # params dict -> validated settings object
+    data_kind: Literal["image", "vector"] = "image"  # image: uint8 pixels as [-1, 1]; vector: float points as is
 
 
 _REGISTRY: dict[str, Family] = {}
@@ -36,10 +51,19 @@ def register(family: Family) -> Family:
     return family
 
 
-def get(name: str) -> Family:
-    from models import edm  # noqa: F401  (registers the built-in families)
+def _load_builtins() -> None:
+    for module in BUILTIN:
+        importlib.import_module(module)
 
+
+def all_families() -> dict[str, Family]:
+    _load_builtins()
+    return dict(_REGISTRY)
+
+
+def get(name: str) -> Family:
+    families = all_families()
     try:
-        return _REGISTRY[name]
+        return families[name]
     except KeyError:
-        raise ValueError(f"unknown model family {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+        raise ValueError(f"unknown model family {name!r}; known: {', '.join(sorted(families))}") from None

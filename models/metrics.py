@@ -12,8 +12,8 @@ class MetricInputError(ValueError):
 
 
 def check_images(images: torch.Tensor, shape: tuple[int, ...], what: str) -> None:
-    """Generated images must be uint8 (N, *shape): anything else would give a silent, wrong FID."""
-    if images.dtype != torch.uint8:
+    """Generated images must be uint8 (N, *shape) (points: float (N, D)): anything else gives a silent, wrong FID."""
+    if len(shape) == 3 and images.dtype != torch.uint8:
         raise MetricInputError(f"{what}: images are {images.dtype}, expected uint8 in [0, 255] (quantise them first)")
     if tuple(images.shape[1:]) != tuple(shape):
         raise MetricInputError(f"{what}: images are {tuple(images.shape[1:])}, the reference data is {tuple(shape)}")

@@ -34,7 +34,7 @@ def class_labels(indices: Iterable[int], label_dim: int) -> torch.Tensor | None:
 def generate(model: nn.Module, family: Family, settings, image_shape: tuple[int, ...], seeds: list[int],
              batch_size: int, labels: torch.Tensor | None = None, device: torch.device | str = "cpu",
              progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
-    """uint8 images (len(seeds), *image_shape) for the given per-sample seeds."""
+    """uint8 images (len(seeds), *image_shape) for the given per-sample seeds (float32 points for vector families)."""
     out = []
     for start in range(0, len(seeds), batch_size):
         chunk = seeds[start:start + batch_size]
@@ -45,7 +45,7 @@ def generate(model: nn.Module, family: Family, settings, image_shape: tuple[int,
         if not torch.isfinite(images).all():
             raise FloatingPointError(f"the sampler produced NaN/inf images for seeds {chunk[0]}..{chunk[-1]}: "
                                      "the model's weights are broken (e.g. a too large |w|) or the sampler diverged")
-        out.append(to_uint8(images).cpu())
+        out.append((to_uint8(images) if family.data_kind == "image" else images.to(torch.float32)).cpu())
         if progress:
             progress(start + len(chunk), len(seeds))
     return torch.cat(out)

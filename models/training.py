@@ -11,8 +11,13 @@ from torch import nn
 Progress = Callable[[int, int, dict], None]  # (step, total, figures) -> None
 
 
-def to_unit_range(images_u8: torch.Tensor) -> torch.Tensor:
-    return images_u8.to(torch.float32) / 127.5 - 1
+def to_unit_range(data: torch.Tensor) -> torch.Tensor:
+    return data.to(torch.float32) / 127.5 - 1
+
+
+def to_model_space(data: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> [-1, 1]; float data (points of a vector family) are used as they are."""
+    return to_unit_range(data) if data.dtype == torch.uint8 else data.to(torch.float32)
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -27,11 +32,11 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
         e.copy_(b)
 
 
-def fit(model: nn.Module, loss_fn, images_u8: torch.Tensor, labels: torch.Tensor | None, *, steps: int,
+def fit(model: nn.Module, loss_fn, data: torch.Tensor, labels: torch.Tensor | None, *, steps: int,
         batch_size: int, lr: float, seed: int, ema_decay: float = 0.0, optimizer: str = "adam",
         label_dropout: float = 0.0, null_label: int = -1, progress: Progress | None = None,
         log_every: int = 0) -> nn.Module:
-    """Train `model` in place on uint8 images (N, C, H, W); return the EMA copy (or the model if no EMA).
+    """Train `model` in place on uint8 images (N, C, H, W) or float points (N, D); return the EMA copy (or the model if no EMA).
 
     With labels, a `label_dropout` share of them is replaced by `null_label` so that the model also
     learns the unconditional score that classifier-free guidance needs.
@@ -43,7 +48,7 @@ def fit(model: nn.Module, loss_fn, images_u8: torch.Tensor, labels: torch.Tensor
     opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[optimizer]
     opt = opt_cls(model.parameters(), lr=lr)
     ema = copy.deepcopy(model).eval().requires_grad_(False) if ema_decay > 0 else None
-    n = images_u8.shape[0]
+    n = data.shape[0]
     order, cursor = torch.randperm(n, generator=gen), 0
     log_every = log_every or max(steps // 10, 1)
     model.train()
@@ -53,7 +58,7 @@ def fit(model: nn.Module, loss_fn, images_u8: torch.Tensor, labels: torch.Tensor
             order, cursor = torch.randperm(n, generator=gen), 0
         idx = order[cursor:cursor + batch_size]
         cursor += batch_size
-        batch = to_unit_range(images_u8[idx]).to(dev)
+        batch = to_model_space(data[idx]).to(dev)
         lab = None
         if labels is not None:
             lab = labels[idx].clone()

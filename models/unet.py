@@ -3,8 +3,10 @@
 Deliberately small: the embedded default trains it on two CPU cores in minutes.
 """
 import math
+from typing import Annotated
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 import torch.nn.functional as F
 
@@ -94,3 +96,17 @@ class UNet(nn.Module):
                 h = F.interpolate(h, size=skip.shape[-2:], mode="nearest")
             h = block(torch.cat([h, skip], dim=1), emb)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class UNetConfig(BaseModel):
+    """The U-Net options the image families share (params.yaml `model.<family>`)."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    channels: Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=1, max_length=4)] = [16, 32, 32]  # widths at H, H/2, H/4, ...
+    emb_dim: Annotated[int, Field(gt=0, multiple_of=2)] = 64  # noise/time-embedding width
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0  # dropout inside residual blocks
+
+
+def from_config(config: dict) -> UNet:
+    """The U-Net a family's full config describes (channels from the data's image shape)."""
+    return UNet(image_channels=config["image_shape"][0], channels=tuple(config["channels"]),
+                emb_dim=config["emb_dim"], label_dim=config.get("label_dim", 0), dropout=config.get("dropout", 0.0))

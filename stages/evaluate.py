@@ -1,9 +1,10 @@
 """Stage `evaluate`: how good is each model, how sure are we, and which w is best.
 
-1. Sweep: the base (w = 0) and every merged checkpoint, classifier-space FID/KID/precision/recall.
+1. Sweep: the base (w = 0) and every merged checkpoint, FID/KID/precision/recall in the primary space
+   (the classifier's features for images; the raw coordinates, i.e. closed-form FID, for 2D points).
 2. Refine: golden-section search for w inside the sweep's best bracket (merged in memory).
 3. Confirm: base and best w on `seeds` fresh sample seeds, in every feature space; a bootstrap
-   interval for the classifier FID. The verdict "Neon improved FID" needs the gain to exceed
+   interval for the primary FID. The verdict "Neon improved FID" needs the gain to exceed
    twice the standard error of the difference of the seed means.
 All models use the same per-sample seeds (common random numbers). Each measurement is cached by
 content (model identity, seed, sample count, settings, reference), so a rerun that changes only
@@ -28,7 +29,7 @@ from stages.common import (BASE, DATA, EVALUATE, MERGED, MODEL_FILE, REFERENCE, 
                            device, device_name, load_images, log, progress, save_images)
 from stages.merge import merged_name
 from stages.model_config import load
-from stages.params import EvaluateParams, ModelParams, SampleParams
+from stages.params import EvaluateParams, ModelParams, SampleParams, sampler_settings
 from stages.reference import load_spaces
 from stages.wsearch import bracket, golden_section, quadratic_argmin
 
@@ -36,13 +37,15 @@ CACHE = WORK / "evaluate"
 
 
 def _check(p: EvaluateParams, spaces: dict) -> None:
-    clf = spaces["classifier"]
-    if p.n <= clf.dim:
-        raise StageError(f"evaluate.n = {p.n} samples cannot estimate the {clf.dim}-d classifier covariance; "
-                         f"set evaluate.n above {clf.dim} (500+ recommended)")
+    primary = next(iter(spaces.values()))
+    if p.n <= primary.dim:
+        raise StageError(f"evaluate.n = {p.n} samples cannot estimate the {primary.dim}-d {primary.name} covariance; "
+                         f"set evaluate.n above {primary.dim} (500+ recommended)")
     if p.n <= p.k or (p.inception_n and p.inception_n <= p.k):
         raise StageError(f"precision/recall with k = {p.k} needs more than {p.k} samples: raise evaluate.n and "
                          "evaluate.inception_n (or lower evaluate.k)")
+    if p.inception_n and primary.name == "raw":
+        raise StageError("Inception features need images; set evaluate.inception_n: 0 for point data")
     if p.inception_n and "inception" not in spaces:
         raise StageError("evaluate.inception_n > 0 needs Inception reference statistics: set reference.inception_n > 0 "
                          "(or evaluate.inception_n: 0)")
@@ -58,13 +61,16 @@ def run(p: EvaluateParams, sample_p: SampleParams, model_p: ModelParams, step=No
     dev = device()
     template, fam, config = load(BASE / MODEL_FILE, model_p)
     shape = tuple(config["image_shape"])
-    g0 = sample_p.sampler.guidance
+    primary = next(iter(spaces))  # the space the search for w runs in: classifier (images) or raw (points)
+    base_settings = sampler_settings(sample_p, model_p, p.sampler)
+    guided = bool(model_p.label_dim) and "guidance" in type(base_settings).model_fields
+    g0 = getattr(base_settings, "guidance", 1.0)
     base_state, _ = checkpoint.read(BASE / MODEL_FILE)
     selftrained_state, _ = checkpoint.read(SELFTRAINED / MODEL_FILE)
     grid_ws = list(read_manifest(MERGED)["params"]["weights"])
     # The measuring code is part of the key: a fix to a metric must not be answered from the cache.
     code = sha256_bytes(b"".join(Path(m.__file__).read_bytes() for m in (metrics, inception, sampling)))
-    settings_key = json.dumps([sample_p.sampler.model_dump(), p.batch_size, p.k, p.grid, inputs["reference"]["digest"],
+    settings_key = json.dumps([model_p.family, base_settings.model_dump(), p.batch_size, p.k, p.grid, inputs["reference"]["digest"],
                                code])
     CACHE.mkdir(parents=True, exist_ok=True)
 
@@ -79,14 +85,14 @@ def run(p: EvaluateParams, sample_p: SampleParams, model_p: ModelParams, step=No
         identity = [inputs["base"]["digest"], inputs["selftrained"]["digest"] if w else None, w]
         key = sha256_bytes(json.dumps([identity, seed_run, n_by_space, bootstrap, guidance, settings_key]).encode())[:24]
         hit = CACHE / f"{key}.json"
-        label = f"w = {w:g}" + (f", guidance {guidance:g}" if model_p.label_dim else "")
+        label = f"w = {w:g}" + (f", guidance {guidance:g}" if guided else "")
         if hit.exists():
             log(f"[evaluate] {label}, seed run {seed_run}: cached")
             return json.loads(hit.read_text())
         template.load_state_dict(state_for(w))
         n = max(n_by_space.values())
         first = p.seed + seed_run * p.n
-        settings = fam.sampler_settings({**sample_p.sampler.model_dump(), "guidance": guidance})
+        settings = base_settings.model_copy(update={"guidance": guidance}) if guided else base_settings
         images = generate(template.to(dev), fam, settings, shape, list(range(first, first + n)), p.batch_size,
                           labels=class_labels(range(n), model_p.label_dim), device=dev,
                           progress=progress(f"evaluate {label} seed run {seed_run}"))
@@ -98,39 +104,39 @@ def run(p: EvaluateParams, sample_p: SampleParams, model_p: ModelParams, step=No
             prec, rec = metrics.precision_recall(feats, space.real[:count], p.k)  # equal counts where possible
             result[name] = {"n": count, "fid": metrics.fid(feats, space.mu, space.sigma),
                             "kid": metrics.kid(feats, space.real), "precision": prec, "recall": rec}
-            if bootstrap and name == "classifier":
+            if bootstrap and name == primary:
                 result[name]["fid_interval"] = metrics.fid_bootstrap(feats, space.mu, space.sigma, bootstrap)
         with atomic_file(CACHE / f"{key}.npz") as tmp:
-            save_images(tmp, images[: p.grid * p.grid].numpy())
+            save_images(tmp, images[: p.grid * p.grid if images.dim() == 4 else len(images)].numpy())
         with atomic_file(hit) as tmp:
             tmp.write_text(json.dumps(result))
         log(f"[evaluate] {label}, seed run {seed_run}: " +
             ", ".join(f"{s} FID {result[s]['fid']:.3f}" for s in n_by_space))
         return result
 
-    clf_only = {"classifier": p.n}
-    with artifact(EVALUATE, "evaluate", {"evaluate": p.model_dump(), "sampler": sample_p.sampler.model_dump()},
+    clf_only = {primary: p.n}
+    with artifact(EVALUATE, "evaluate", {"evaluate": p.model_dump(), "sampler": {model_p.family: base_settings.model_dump()}},
                   inputs=inputs, device=device_name(dev)) as out:
-        guidances = sorted({g0, *p.guidance}) if model_p.label_dim else [g0]
+        guidances = sorted({g0, *p.guidance}) if guided else [g0]
         sweep = [step(f"sweep w={w:g} g={g:g}", measure, w, 0, clf_only, 0, g) for g in guidances for w in [0.0] + grid_ws]
         refined = []
         if len(guidances) > 1:  # joint search: quadratic surface through the (w, guidance) grid
-            w_star, g_star = quadratic_argmin([(r["w"], r["guidance"], r["classifier"]["fid"]) for r in sweep])
+            w_star, g_star = quadratic_argmin([(r["w"], r["guidance"], r[primary]["fid"]) for r in sweep])
             if (round(w_star, 4), round(g_star, 4)) not in {(r["w"], r["guidance"]) for r in sweep}:
                 refined.append(step("refine (w, g)", measure, round(w_star, 4), 0, clf_only, 0, round(g_star, 4)))
         else:
-            lo, hi, _ = bracket([(r["w"], r["classifier"]["fid"]) for r in sweep])
+            lo, hi, _ = bracket([(r["w"], r[primary]["fid"]) for r in sweep])
 
             def objective(w: float) -> float:
                 refined.append(step(f"refine w={w:.4g}", measure, round(w, 4), 0, clf_only))
-                return refined[-1]["classifier"]["fid"]
+                return refined[-1][primary]["fid"]
 
             golden_section(objective, lo, hi, p.refine)
         curve = sorted(sweep + refined, key=lambda r: (r["guidance"], r["w"]))
-        best = min(curve, key=lambda r: r["classifier"]["fid"])
-        best_base = min((r for r in curve if r["w"] == 0), key=lambda r: r["classifier"]["fid"])
+        best = min(curve, key=lambda r: r[primary]["fid"])
+        best_base = min((r for r in curve if r["w"] == 0), key=lambda r: r[primary]["fid"])
         best_w = best["w"]
-        spaces_n = {"classifier": p.n, **({"inception": p.inception_n} if p.inception_n else {})}
+        spaces_n = {primary: p.n, **({"inception": p.inception_n} if p.inception_n else {})}
         confirm = {label: [step(f"confirm {label} seed run {k}", measure, r["w"], k, spaces_n,
                                 p.bootstrap if k == 1 else 0, r["guidance"])
                            for k in range(1, p.seeds + 1)]
@@ -139,10 +145,10 @@ def run(p: EvaluateParams, sample_p: SampleParams, model_p: ModelParams, step=No
         result = {"feature_spaces": {name: {"dim": spaces[name].dim, "n_generated": n,
                                             "n_real": int(len(spaces[name].real))} for name, n in spaces_n.items()},
                   "best_w": best_w, "best_guidance": best["guidance"], "base_guidance": best_base["guidance"],
-                  "conditional": bool(model_p.label_dim),
+                  "conditional": guided, "family": model_p.family, "primary_space": primary,
                   "best_at_sweep_edge": best_w in (min(grid_ws + [0.0]), max(grid_ws)),
                   "sweep": [{"w": r["w"], "guidance": r["guidance"], "stage": "sweep" if r in sweep else "refine",
-                             **r["classifier"]} for r in curve],
+                             **r[primary]} for r in curve],
                   "confirm": summary, "seeds": p.seeds}
         grids = {label: load_images(CACHE / f"{confirm[label][0]['key']}.npz")[0] for label in confirm}
         report.write(out, result, grids, p.grid, lineage=_lineage_summary(inputs))

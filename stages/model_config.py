@@ -1,14 +1,21 @@
-"""The model config a stage builds or expects: params.yaml's `model` section plus the data's image shape."""
+"""The model config a stage builds or expects: the active family's `model.<family>` options, the shared
+conditioning options, and the data's shape."""
 from __future__ import annotations
 
+from models import family as families
 from stages.artifacts import read_manifest
-from stages.common import DATA
+from stages.common import DATA, StageError
 from stages.params import ModelParams
 
 
 def model_config(p: ModelParams) -> dict:
-    shape = read_manifest(DATA)["data"]["shape"]
-    return {**p.model_dump(exclude={"family"}), "image_shape": shape}
+    data = read_manifest(DATA)["data"]
+    kind, want = data.get("kind", "image"), families.get(p.family).data_kind
+    if kind != want:
+        hint = "data.source: toy2d" if want == "vector" else "an image data.source (e.g. mnist)"
+        raise StageError(f"model.family = {p.family} generates {want} data but data.source gives {kind} data; "
+                         f"use {hint} or another model.family")
+    return {**p.family_config(), "image_shape": data["shape"]}
 
 
 def conditioning_labels(p: ModelParams, labels):
@@ -23,10 +30,12 @@ def conditioning_labels(p: ModelParams, labels):
 
 
 def expected(p: ModelParams) -> dict:
-    """What a fetched checkpoint must agree with: the family, the data's shape and the architecture."""
+    """What a fetched checkpoint must agree with: the family and what the data fixes (shape, classes).
+
+    The architecture itself comes from the checkpoint's own metadata, which describes it exactly.
+    """
     cfg = model_config(p)
-    return {"family": p.family, "image_shape": cfg["image_shape"], "channels": cfg["channels"],
-            "emb_dim": cfg["emb_dim"], "label_dim": cfg["label_dim"]}
+    return {"family": p.family, "image_shape": cfg["image_shape"], "label_dim": cfg["label_dim"]}
 
 
 def load(path, p: ModelParams):
@@ -34,3 +43,4 @@ def load(path, p: ModelParams):
     from models import checkpoint
 
     return checkpoint.load_model(path, expect=expected(p), fallback=(p.family, model_config(p)))
+

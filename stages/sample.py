@@ -19,7 +19,7 @@ from models.sampling import class_labels, generate
 from stages.artifacts import artifact, atomic_file, input_ref, sha256_bytes
 from stages.common import BASE, MODEL_FILE, SYNTHETIC, WORK, device, device_name, load_images, log, progress, save_images
 from stages.model_config import load
-from stages.params import ModelParams, SampleParams
+from stages.params import ModelParams, SampleParams, sampler_settings
 
 
 def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
@@ -30,8 +30,8 @@ def shard_name(start: int, stop: int) -> str:
     return f"shard-{start:08d}-{stop:08d}.npz"
 
 
-def work_dir(base_digest: str, p: SampleParams) -> Path:
-    key = sha256_bytes(json.dumps([base_digest, p.model_dump()], sort_keys=True).encode())
+def work_dir(base_digest: str, params: dict) -> Path:
+    key = sha256_bytes(json.dumps([base_digest, params], sort_keys=True).encode())
     return WORK / "sample" / key[:20]
 
 
@@ -48,17 +48,18 @@ def run(p: SampleParams, model_p: ModelParams, step=None) -> dict:
     step = step or (lambda name, fn, *args: fn(*args))
     base = input_ref(BASE)
     dev = device()
-    with artifact(SYNTHETIC, "sample", p.model_dump(), inputs={"base": base}, device=device_name(dev)) as out:
+    params = {**p.model_dump(exclude={"sampler"}), "sampler": {model_p.family: sampler_settings(p, model_p).model_dump()}}
+    with artifact(SYNTHETIC, "sample", params, inputs={"base": base}, device=device_name(dev)) as out:
         model, fam, config = load(BASE / MODEL_FILE, model_p)
         model = model.to(dev)
-        settings = fam.sampler_settings(p.sampler.model_dump())
+        settings = sampler_settings(p, model_p)
         shape = tuple(config["image_shape"])
-        work = work_dir(base["digest"], p)
+        work = work_dir(base["digest"], params)
         work.mkdir(parents=True, exist_ok=True)
         ranges = shard_ranges(p.n, p.shard_size)
         done = sum(_complete(work / shard_name(a, b), b - a) for a, b in ranges)
         log(f"[sample] {p.n} images in {len(ranges)} shards ({done} already complete in {work}) on {device_name(dev)}, "
-            f"sampler {p.sampler.model_dump()}")
+            f"{model_p.family} sampler {settings.model_dump()}")
         report = progress("sample")
 
         def write_shard(start: int, stop: int) -> str:
