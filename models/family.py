@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
@@ -15,7 +16,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 # The built-in families, imported on first lookup (each module registers itself).
-BUILTIN = ("models.edm", "models.flow", "models.toy")
+BUILTIN = ("models.edm", "models.flow", "models.consistency", "models.ar", "models.diffusers_unet", "models.toy")
 
 # (model, batch in model space, labels or None, generator) -> scalar training loss
 LossFn = Callable[[nn.Module, torch.Tensor, "torch.Tensor | None", "torch.Generator | None"], torch.Tensor]
@@ -39,6 +40,8 @@ class Family:
     loss: Callable[[dict[str, Any]], LossFn]  # full config -> its own training loss
     sample: SampleFn
     data_kind: Literal["image", "vector"] = "image"  # image: uint8 pixels as [-1, 1]; vector: float points as is
+    # A checkpoint folder from another codebase (e.g. a diffusers UNet2DModel) -> (state dict, full config)
+    read_folder: Callable[[Path], tuple[dict[str, torch.Tensor], dict[str, Any]]] | None = None
 
 
 _REGISTRY: dict[str, Family] = {}

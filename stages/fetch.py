@@ -2,24 +2,70 @@
 
 The expected digest comes from `base.sha256`, else from the `manifest.json` beside the checkpoint
 (which every artifact of this pipeline has). A checkpoint with neither is refused: pin it first.
+A folder from another codebase (a diffusers UNet2DModel: config.json + safetensors weights) is pinned
+by the digest of its contents (names and file digests) and converted by the family's `read_folder`.
 """
 from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path, PurePosixPath
 
 from botocore.exceptions import BotoCoreError, ClientError
 
 from stages import store
-from stages.artifacts import MANIFEST, artifact, input_ref, sha256_file
-from stages.common import BASE, MODEL_FILE, TRAIN, StageError, log
+from models import checkpoint, family as families
+from stages.artifacts import MANIFEST, artifact, directory_digest, input_ref, sha256_file
+from stages.common import BASE, MODEL_FILE, TRAIN, WORK, StageError, log
 from stages.model_config import load
 from stages.params import BaseParams, ModelParams
 
 
 def _is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
+
+
+def _is_folder(source: str) -> bool:
+    """A checkpoint folder from another codebase (e.g. diffusers' config.json + weights) rather than one file."""
+    if _is_s3(source):
+        try:
+            return store.filesystem().isdir(source[len("s3://"):])
+        except (BotoCoreError, ClientError, OSError):
+            return False
+    return Path(source).is_dir()
+
+
+def _download_folder(source: str, dest: Path) -> dict:
+    """Copy a folder (local or an s3:// prefix) to `dest`; return its content digest and file count."""
+    if _is_s3(source):
+        store.filesystem().get(source[len("s3://"):].rstrip("/") + "/", str(dest), recursive=True)
+    else:
+        shutil.copytree(source, dest)
+    files = {p.relative_to(dest).as_posix(): sha256_file(p) for p in sorted(dest.rglob("*")) if p.is_file()}
+    if not files:
+        raise StageError(f"base.checkpoint {source} is an empty folder; point it at the model's folder")
+    return {"digest": directory_digest(files), "files": len(files)}
+
+
+def _convert_folder(source: str, folder: Path, dest: Path, digest: str, model_p: ModelParams) -> None:
+    """A verified foreign checkpoint folder -> this pipeline's checkpoint (safetensors + family metadata)."""
+    fam = families.get(model_p.family)
+    if fam.read_folder is None:
+        raise StageError(f"base.checkpoint {source} is a folder, which model.family = {model_p.family} cannot read; "
+                         "give a .safetensors file, or set model.family: diffusers for a diffusers UNet2DModel folder")
+    state, config = fam.read_folder(folder)
+    checkpoint.save(dest, state, model_p.family, {**config, "label_dropout": model_p.label_dropout},
+                    extra={"imported_from": source, "folder_digest": digest})
+
+
+def _verify(source: str, digest: str, want: str) -> None:
+    if not want:
+        raise StageError(f"{source} has no expected sha256: set base.sha256 in params.yaml (its current digest "
+                         f"is {digest}; check it against the publisher's) or put it beside a manifest.json")
+    if digest != want:
+        raise StageError(f"{source} has sha256 {digest}, expected {want}: the checkpoint is corrupted or not the "
+                         "one pinned; re-upload it or fix base.sha256")
 
 
 def _download(source: str, dest: Path) -> dict:
@@ -69,14 +115,17 @@ def run(base_p: BaseParams, model_p: ModelParams) -> dict:
     params = base_p.model_dump()
     with artifact(BASE, "fetch", params, inputs={}) as out:
         dest = out.path(MODEL_FILE)
-        origin = _download(source, dest)
-        digest = sha256_file(dest)
-        if not want:
-            raise StageError(f"{source} has no expected sha256: set base.sha256 in params.yaml (its current digest "
-                             f"is {digest}; check it against the publisher's) or put it beside a manifest.json")
-        if digest != want:
-            raise StageError(f"{source} has sha256 {digest}, expected {want}: the checkpoint is corrupted or not the "
-                             "one pinned; re-upload it or fix base.sha256")
+        if base_p.checkpoint and _is_folder(source):  # pinned by the folder's content digest, then converted
+            WORK.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=WORK) as tmp:
+                origin = _download_folder(source, Path(tmp) / "folder")
+                digest = origin.pop("digest")
+                _verify(source, digest, want)
+                _convert_folder(source, Path(tmp) / "folder", dest, digest, model_p)
+        else:
+            origin = _download(source, dest)
+            digest = sha256_file(dest)
+            _verify(source, digest, want)
         _, family, config = load(dest, model_p)
         if not base_p.checkpoint:
             out.manifest["inputs"] = {"checkpoint": input_ref(TRAIN)}

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from flows import server
 from stages import store
@@ -64,3 +65,26 @@ def project(tmp_path_factory, s3_store, prefect_api):
         f"    access_key_id = {store.credentials()['AWS_ACCESS_KEY_ID']}\n"
         f"    secret_access_key = {store.credentials()['AWS_SECRET_ACCESS_KEY']}\n")
     return root, env
+
+
+def set_params(root: Path, **changes) -> str:
+    """Apply dotted-key changes to params.yaml; return the old text so the test can restore it."""
+    path = root / "params.yaml"
+    old = path.read_text()
+    params = yaml.safe_load(old)
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split(".")
+        node = params
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    path.write_text(yaml.safe_dump(params))
+    return old
+
+
+@pytest.fixture(scope="session")
+def reproduced(project):
+    root, env = project
+    first = run(["dvc", "repro"], root, env)
+    run(["dvc", "push"], root, env)
+    return root, env, first.stdout

@@ -9,36 +9,13 @@ import pytest
 import yaml
 
 from stages import store
-from tests.conftest import run
+from tests.conftest import run, set_params
 
 pytestmark = pytest.mark.e2e
 
 
 def stages_ran(output: str) -> list[str]:
     return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
-
-
-def set_params(root: Path, **changes) -> str:
-    """Apply dotted-key changes to params.yaml; return the old text so the test can restore it."""
-    path = root / "params.yaml"
-    old = path.read_text()
-    params = yaml.safe_load(old)
-    for dotted, value in changes.items():
-        *parents, leaf = dotted.split(".")
-        node = params
-        for key in parents:
-            node = node[key]
-        node[leaf] = value
-    path.write_text(yaml.safe_dump(params))
-    return old
-
-
-@pytest.fixture(scope="module")
-def reproduced(project):
-    root, env = project
-    first = run(["dvc", "repro"], root, env)
-    run(["dvc", "push"], root, env)
-    return root, env, first.stdout
 
 
 def test_repro_runs_every_stage_and_writes_metrics(reproduced):
@@ -160,7 +137,7 @@ def test_bad_params_stop_with_one_line(reproduced, changes, stage, expect):
 def test_corrupted_and_foreign_checkpoints_are_refused(reproduced, s3_store, tmp_path):
     root, env, _ = reproduced
     from models import checkpoint
-    from models.edm import build
+    from models.flow import build
 
     fs = store.filesystem(s3_store.endpoint)
     good = (root / "artifacts/base/model.safetensors").read_bytes()
@@ -169,14 +146,13 @@ def test_corrupted_and_foreign_checkpoints_are_refused(reproduced, s3_store, tmp
         flipped[i] ^= 0xFF
     fs.pipe("neon/user/flipped/model.safetensors", bytes(flipped))
     fs.pipe("neon/user/flipped/manifest.json", (root / "artifacts/base/manifest.json").read_bytes())
-    other = build({"channels": [16, 32], "emb_dim": 16, "image_shape": [1, 28, 28]})
-    checkpoint.save(tmp_path / "other.safetensors", other.state_dict(), "edm",
-                    {"channels": [16, 32], "emb_dim": 16, "image_shape": [1, 28, 28]})
+    foreign = {"channels": [16, 32], "emb_dim": 16, "image_shape": [1, 28, 28]}
+    checkpoint.save(tmp_path / "other.safetensors", build(foreign).state_dict(), "flow", foreign)
     from stages.artifacts import sha256_file
 
     cases = [({"base.checkpoint": "s3://neon/user/flipped/model.safetensors"}, "expected"),
              ({"base.checkpoint": str(tmp_path / "other.safetensors"),
-               "base.sha256": sha256_file(tmp_path / "other.safetensors")}, "channels")]
+               "base.sha256": sha256_file(tmp_path / "other.safetensors")}, "family='flow'")]
     for changes, expect in cases:
         old = set_params(root, **changes)
         try:
@@ -204,7 +180,7 @@ def test_user_checkpoint_from_s3_skips_training(reproduced, s3_store):
 def test_conditional_model_with_joint_w_guidance_search(reproduced):
     """model.label_dim turns on class conditioning; evaluate.guidance adds the joint (w, guidance) search."""
     root, env, _ = reproduced
-    old = set_params(root, **{"model.label_dim": 10, "sample.sampler.guidance": 1.5, "evaluate.guidance": [1.0, 2.0],
+    old = set_params(root, **{"model.label_dim": 10, "sample.sampler.edm.guidance": 1.5, "evaluate.guidance": [1.0, 2.0],
                               "evaluate.inception_n": 0})
     try:
         run(["dvc", "repro"], root, env)
