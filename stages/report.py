@@ -188,10 +188,21 @@ def html_page(md: str, out_dir: Path) -> str:
            f"</head><body>{''.join(body)}</body></html>\n"
 
 
+def strict_json(obj):
+    """NaN (a metric that could not be measured, e.g. KID without real features) as null: strict JSON."""
+    if isinstance(obj, float) and obj != obj:
+        return None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
 def write(out: ArtifactWriter, result: dict, grids: dict[str, np.ndarray], grid: int,
           lineage: list[tuple[str, str]]) -> None:
-    (out.path("evaluation.json")).write_text(json.dumps(result, indent=2) + "\n")
-    (out.path("metrics.json")).write_text(json.dumps(dvc_metrics(result), indent=2) + "\n")
+    (out.path("evaluation.json")).write_text(json.dumps(strict_json(result), indent=2) + "\n")
+    (out.path("metrics.json")).write_text(json.dumps(strict_json(dvc_metrics(result)), indent=2) + "\n")
     with open(out.path("fid_vs_w.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["w", "guidance", "stage", "fid", "kid", "precision", "recall"])
         writer.writeheader()
