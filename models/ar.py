@@ -34,7 +34,7 @@ class ARConfig(Options):
 class ARSettings(Options):
     temperature: Annotated[float, Field(gt=0)] = 0.9  # divides the logits; < 1 is mode-seeking, > 1 diversity-seeking
     top_k: Annotated[int, Field(ge=0)] = 0  # keep only the k likeliest tokens; 0 = off; small k is mode-seeking
-    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0  # keep the smallest nucleus holding this mass; 1 = off; < 1 mode-seeking
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0  # smallest nucleus holding this mass; 1 = off; < 1 mode-seeking
 
 
 def to_tokens(images: torch.Tensor, levels: int) -> torch.Tensor:
@@ -149,7 +149,8 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample(model: PixelTransformer, latents: torch.Tensor, settings: ARSettings, labels=None, noise=None) -> torch.Tensor:
+def sample(model: PixelTransformer, latents: torch.Tensor, settings: ARSettings, labels=None,
+           noise=None) -> torch.Tensor:
     """Images (N, C, H, W) in [-1, 1]; token i of sample j is drawn with u = Phi(latent j, raster position i)."""
     n = latents.shape[0]
     z = latents.to(torch.float64).permute(0, 2, 3, 1).reshape(n, -1)

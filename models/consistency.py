@@ -23,7 +23,7 @@ class ConsistencyConfig(UNetConfig):
     sigma_min: Annotated[float, Field(gt=0)] = 0.002  # noise level where f is the identity (boundary condition)
     sigma_max: Annotated[float, Field(gt=0)] = 80.0  # highest noise level; one-step sampling starts here
     rho: Annotated[float, Field(gt=0)] = 7.0  # Karras exponent of the training discretisation
-    num_scales: Annotated[int, Field(ge=2, le=2000)] = 20  # N levels of that discretisation (fixed, no curriculum)
+    num_scales: Annotated[int, Field(ge=2, le=2000)] = 80  # N levels of that discretisation (fixed, no curriculum)
     huber_c: Annotated[float, Field(gt=0)] | None = None  # pseudo-Huber constant; None = iCT's 0.00054 * sqrt(C*H*W)
     p_mean: float = -1.1  # mean of log(sigma) for the lognormal choice of the training level
     p_std: Annotated[float, Field(gt=0)] = 2.0  # std of log(sigma) for that choice
@@ -91,9 +91,9 @@ def build(config: dict) -> ConsistencyPrecond:
 
 
 class MultistepSettings(Options):
-    num_steps: Annotated[int, Field(ge=1, le=8)] = 2  # network evaluations (x2 with guidance); fewer = more mode-seeking
+    num_steps: Annotated[int, Field(ge=1, le=8)] = 4  # network evaluations (x2 with guidance); fewer = more mode-seeking
     sigma_high: Annotated[float, Field(gt=0.002)] = 2.0  # first re-noise level (step 2 of 3 or more)
-    sigma_low: Annotated[float, Field(gt=0.002)] = 0.8  # last re-noise level; the only one when num_steps = 2
+    sigma_low: Annotated[float, Field(gt=0.002)] = 1.0  # last re-noise level; the only one when num_steps = 2
     rho: Annotated[float, Field(gt=0)] = 7.0  # spacing of the re-noise levels between sigma_high and sigma_low
     guidance: Annotated[float, Field(ge=0)] = 1.0  # classifier-free guidance scale (conditional models); > 1 is mode-seeking
 

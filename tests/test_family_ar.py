@@ -79,7 +79,7 @@ def test_loss_decreases_on_digits(digits):
     fixed_batch_loss = lambda m: loss_fn(m, batch).item()
     before = fixed_batch_loss(model)
     after = fixed_batch_loss(fit(model, loss_fn, images, None, steps=30, batch_size=32, lr=3e-3, seed=0))
-    assert after < 0.7 * before and after < 0.7 * math.log(4)  # well below a uniform guess over 4 levels
+    assert after < 0.8 * before and after < 0.65 * math.log(4)  # well below a uniform guess over 4 levels
 
 
 def test_sampling_shape_range_and_per_seed(model):

@@ -56,6 +56,16 @@ def test_loss_differentiable_and_decreases_on_digits(digits):
     assert fixed(trained) < 0.9 * before
 
 
+def test_loss_is_self_consistency(digits):
+    """Any f that agrees with itself along the trajectory has zero loss; a mismatch along it does not."""
+    batch = digits[0][:8].float() / 127.5 - 1
+    loss_fn = consistency.loss(CONFIG)
+    constant = lambda x, sigma, labels: torch.zeros_like(x)
+    assert loss_fn(constant, batch, None, torch.Generator().manual_seed(0)) < 1e-6
+    identity = lambda x, sigma, labels: x
+    assert loss_fn(identity, batch, None, torch.Generator().manual_seed(0)) > 1
+
+
 def gen(model, fam_settings, seeds, batch_size, labels=None):
     return generate(model, consistency.FAMILY, fam_settings, SHAPE, seeds, batch_size, labels=labels)
 
