@@ -36,8 +36,11 @@ def save(path: Path | str, state: dict[str, torch.Tensor], family: str, config: 
 
 def _check_not_pickle(path: Path) -> None:
     with open(path, "rb") as f:
-        head = f.read(4)
-    if head.startswith(PICKLE_MAGIC):
+        head = f.read(9)
+    # safetensors starts with a u64 header length then "{": that length's low bytes can look like a
+    # pickle protocol marker (e.g. 0x0380), so only a file that is not safetensors is tested for pickle.
+    is_safetensors = len(head) == 9 and head[8:9] == b"{"
+    if not is_safetensors and head.startswith(PICKLE_MAGIC):
         raise CheckpointError(
             f"{path} is a pickled PyTorch checkpoint, which this pipeline never loads (unpickling runs code). "
             "Convert it once in a trusted environment: `safetensors.torch.save_file(torch.load(p, weights_only=True), "

@@ -45,7 +45,7 @@ def _download_folder(source: str, dest: Path) -> dict:
     files = {p.relative_to(dest).as_posix(): sha256_file(p) for p in sorted(dest.rglob("*")) if p.is_file()}
     if not files:
         raise StageError(f"base.checkpoint {source} is an empty folder; point it at the model's folder")
-    return {"digest": directory_digest(files), "files": len(files)}
+    return {"digest": directory_digest(files), "folder": True, "files": len(files)}
 
 
 def _convert_folder(source: str, folder: Path, dest: Path, digest: str, model_p: ModelParams) -> None:

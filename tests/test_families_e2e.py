@@ -22,8 +22,8 @@ FAMILIES = {  # the tiny preset holds each family's small architecture; points n
     "flow": [],
     "consistency": [],
     "ar": [],
-    "diffusers": ["model.diffusers.unet={block_out_channels:[8,16],layers_per_block:1,norm_num_groups:4,"
-                  "down_block_types:[DownBlock2D,DownBlock2D],up_block_types:[UpBlock2D,UpBlock2D]}"],
+    "diffusers": ["model.diffusers.unet={block_out_channels: [8, 16], layers_per_block: 1, norm_num_groups: 4, "
+                  "down_block_types: [DownBlock2D, DownBlock2D], up_block_types: [UpBlock2D, UpBlock2D]}"],
     "toy_diffusion": POINTS + ["finetune.lr=0.00001", "evaluate.sampler={zeta: 1.0}"],
     "toy_ar": POINTS + ["train.lr=0.0005", "evaluate.sampler={tau: 1.0}", "merge.weights=[-0.2,0.2]"],
 }
