@@ -24,8 +24,8 @@ FAMILIES = {  # the tiny preset holds each family's small architecture; points n
     "ar": [],
     "diffusers": ["model.diffusers.unet={block_out_channels: [8, 16], layers_per_block: 1, norm_num_groups: 4, "
                   "down_block_types: [DownBlock2D, DownBlock2D], up_block_types: [UpBlock2D, UpBlock2D]}"],
-    "toy_diffusion": POINTS + ["finetune.lr=0.00001", "evaluate.sampler={zeta: 1.0}"],
-    "toy_ar": POINTS + ["train.lr=0.0005", "evaluate.sampler={tau: 1.0}", "merge.weights=[-0.2,0.2]"],
+    "toy_diffusion": POINTS + ["finetune.lr=0.00001", "+evaluate.sampler.zeta=1.0"],
+    "toy_ar": POINTS + ["train.lr=0.0005", "+evaluate.sampler.tau=1.0", "merge.weights=[-0.2,0.2]"],
 }
 
 
@@ -39,7 +39,8 @@ def latest_experiment_metrics(root, env) -> dict:
 def overrides_for(family: str) -> dict:
     import yaml
 
-    return {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in [f"model.family={family}", *QUICK, *FAMILIES[family]])}
+    pairs = (o.lstrip("+").split("=", 1) for o in [f"model.family={family}", *QUICK, *FAMILIES[family]])
+    return {k: yaml.safe_load(v) for k, v in pairs}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
