@@ -72,6 +72,11 @@ def credentials() -> dict[str, str]:
 
 
 def process_alive(pid: int) -> bool:
+    try:  # a service this process started and stopped stays a zombie (and "alive") until it is reaped
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:  # not our child: its own parent reaps it
+        pass
     try:
         os.kill(pid, 0)
         return True

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,19 @@ def set_params(root: Path, **changes) -> str:
         node[leaf] = value
     path.write_text(yaml.safe_dump(params))
     return old
+
+
+@contextmanager
+def restored(root: Path, env: dict[str, str]):
+    """Put the project back as the first `dvc repro` left it: params, lock and metrics from before, outputs
+    from the DVC cache (seconds, where rerunning the changed stages would take a minute)."""
+    kept = {p: p.read_bytes() for p in [root / "params.yaml", root / "dvc.lock", *(root / "results").glob("*")]}
+    try:
+        yield
+    finally:
+        for path, data in kept.items():
+            path.write_bytes(data)
+        run(["dvc", "checkout", "--force", "--quiet"], root, env)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from stages import store
-from tests.conftest import run, set_params
+from tests.conftest import restored, run, set_params
 
 pytestmark = pytest.mark.e2e
 
@@ -95,15 +95,12 @@ def test_second_repro_reruns_nothing(reproduced):
 
 def test_changing_a_merge_param_reruns_only_merge_and_evaluate(reproduced):
     root, env, _ = reproduced
-    old = set_params(root, **{"merge.weights": [0.5, 1.0, 1.5]})
-    try:
+    with restored(root, env):
+        set_params(root, **{"merge.weights": [0.5, 1.0, 1.5]})
         proc = run(["dvc", "repro"], root, env)
         out = proc.stdout + proc.stderr
         assert stages_ran(out) == ["merge", "evaluate"]
         assert "w = 0.5, seed run 0: cached" in out and "w = 1, seed run 0: cached" in out  # reused per w
-    finally:
-        (root / "params.yaml").write_text(old)
-        run(["dvc", "repro"], root, env)
 
 
 def _fails_cleanly(root: Path, env: dict, stage: str, expect: str) -> None:
@@ -165,24 +162,21 @@ def test_user_checkpoint_from_s3_skips_training(reproduced, s3_store):
     """A checkpoint in S3 with its manifest beside it: fetched and verified, no base training."""
     root, env, _ = reproduced
     uri = "s3://neon/dvc/artifacts/train/model.safetensors"  # pushed by the first run, manifest beside it
-    old = set_params(root, **{"base.checkpoint": uri})
-    try:
+    with restored(root, env):
+        set_params(root, **{"base.checkpoint": uri})
         proc = run(["dvc", "repro", "train", "fetch"], root, env)
         assert "[train] skipped" in proc.stdout + proc.stderr
         manifest = json.loads((root / "artifacts/base/manifest.json").read_text())
         assert manifest["inputs"]["checkpoint"]["path"] == uri
         assert manifest["inputs"]["checkpoint"]["version_id"]
-    finally:
-        (root / "params.yaml").write_text(old)
-        run(["dvc", "repro", "train", "fetch"], root, env)
 
 
 def test_conditional_model_with_joint_w_guidance_search(reproduced):
     """model.label_dim turns on class conditioning; evaluate.guidance adds the joint (w, guidance) search."""
     root, env, _ = reproduced
-    old = set_params(root, **{"model.label_dim": 10, "sample.sampler.edm.guidance": 1.5, "evaluate.guidance": [1.0, 2.0],
-                              "evaluate.inception_n": 0})
-    try:
+    with restored(root, env):
+        set_params(root, **{"model.label_dim": 10, "sample.sampler.edm.guidance": 1.5, "evaluate.guidance": [1.0, 2.0],
+                            "evaluate.inception_n": 0})
         run(["dvc", "repro"], root, env)
         labels = __import__("numpy").load(root / "artifacts/synthetic/shard-00000000-00000032.npz")["labels"]
         assert labels.tolist() == [i % 10 for i in range(32)]  # balanced, deterministic classes
@@ -192,8 +186,6 @@ def test_conditional_model_with_joint_w_guidance_search(reproduced):
         assert grid == {(w, g) for w in (0.0, 0.5, 1.0) for g in (1.0, 1.5, 2.0)}
         metrics = json.loads((root / "results/metrics.json").read_text())
         assert metrics["best_guidance"] in {r["guidance"] for r in evaluation["sweep"]}
-    finally:
-        (root / "params.yaml").write_text(old)
 
 
 def test_scheduled_deployment_is_registered(project, prefect_api):

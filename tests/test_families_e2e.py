@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from tests.conftest import run, set_params
+from tests.conftest import restored, run, set_params
 
 pytestmark = pytest.mark.e2e
 
@@ -109,9 +109,9 @@ def test_diffusers_folder_from_s3_runs_fetch_to_evaluate(reproduced, s3_store, t
     fs.put(str(folder) + "/", "neon/user/ddpm/", recursive=True)
     digest = directory_digest({p.relative_to(folder).as_posix(): sha256_file(p)
                                for p in folder.rglob("*") if p.is_file()})
-    old = set_params(root, **{"model.family": "diffusers", "base.checkpoint": "s3://neon/user/ddpm",
-                              "base.sha256": digest, "evaluate.inception_n": 0})
-    try:
+    with restored(root, env):
+        set_params(root, **{"model.family": "diffusers", "base.checkpoint": "s3://neon/user/ddpm",
+                            "base.sha256": digest, "evaluate.inception_n": 0})
         proc = run(["dvc", "repro"], root, env)
         assert "[train] skipped" in proc.stdout + proc.stderr
         assert "Model family: diffusers." in proc.stdout + proc.stderr
@@ -132,6 +132,3 @@ def test_diffusers_folder_from_s3_runs_fetch_to_evaluate(reproduced, s3_store, t
         set_params(root, **{"base.sha256": directory_digest(files)})
         proc = run(["dvc", "repro", "fetch"], root, env, check=False)
         assert proc.returncode and "safe_serialization=True" in proc.stdout + proc.stderr
-    finally:
-        (root / "params.yaml").write_text(old)
-        run(["dvc", "repro"], root, env)
