@@ -2,14 +2,17 @@
 
     python bench/reproduce.py                       # the toys, then every image family on the embedded digits
     python bench/reproduce.py --families edm flow   # a subset
+    python bench/reproduce.py --families edm --controls-only   # only the control, on edm's trained base
+    python bench/reproduce.py --families edm --data fashion-mnist --no-toys
     python bench/reproduce.py --toys-only
 
 For each image family it runs the pipeline's stages (the same functions `dvc repro` runs) with
 params.yaml plus `model.family=<f>`, in its own folder under bench/runs/, and reports base and Neon
 FID at the best w (classifier and Inception spaces, mean ± std over the evaluation's seed runs),
 precision/recall, |S|, fine-tune images as a share of the base's training images, and each stage's
-wall time. A control run repeats a family with a diversity-seeking sampler where the family has one.
-Results: bench/results/results.md, results.json and fid_vs_w.png.
+wall time. A control run repeats a family with a diversity-seeking sampler where the family has one,
+on the same trained base. Each command replaces its own rows of bench/results/results.json and keeps
+the rest, so the table (results.md) and figure (fid_vs_w.png) collect every command listed in them.
 """
 from __future__ import annotations
 
@@ -37,7 +40,12 @@ FAMILY_OVERRIDES = {  # the paper's fine-tune recipes differ by family; these ar
     "ar": {"finetune.optimizer": "adamw"},
     "diffusers": {},
 }
-CONTROLS = {"ar": {"sample.sampler.ar.temperature": 1.2}}  # diversity-seeking: temperature > 1
+SIGNED = {"merge.weights": [-1.5, -1.0, -0.5, 0.5, 1.0, 1.5]}  # a control's best w may be negative
+CONTROLS = {  # diversity-seeking settings, the theory's sign flip: the best w should move down, below 0
+    "edm": {"sample.sampler.edm.score_scale": 0.95, **SIGNED},  # zeta < 1 widens the ODE's samples
+    "ar": {"sample.sampler.ar.temperature": 1.2, **SIGNED},  # temperature > 1
+}
+NEUTRAL = {"guidance", "score_scale"}  # sampler settings left out of the table at their neutral value 1
 TOY_RUNS = [("toy_diffusion", {"zeta": 1.1}, "mode-seeking"), ("toy_diffusion", {"zeta": 0.9}, "diversity-seeking"),
             ("toy_ar", {"tau": 0.5}, "mode-seeking"), ("toy_ar", {"tau": 1.6}, "diversity-seeking")]
 
@@ -53,31 +61,37 @@ def with_overrides(raw: dict, overrides: dict) -> dict:
     return raw
 
 
-def run_family(label: str, p: params.Params, shared: Path) -> dict:
-    """The DAG after `reference`, in bench/runs/<label>/ (data and reference shared by every family)."""
+def run_family(label: str, p: params.Params, shared: Path, base_from: Path | None = None) -> dict:
+    """The DAG after `reference`, in bench/runs/<label>/ (data and reference shared by every family).
+
+    `base_from`: a run folder whose trained base this run reuses (a control changes only the sampler)."""
     workdir = RUNS / label
     shutil.rmtree(workdir, ignore_errors=True)
     (workdir / "artifacts").mkdir(parents=True)
     for name in ("data", "reference"):
         shutil.copytree(shared / "artifacts" / name, workdir / "artifacts" / name)
+    if base_from is not None:
+        shutil.copytree(base_from / "artifacts" / "train", workdir / "artifacts" / "train")
     os.chdir(workdir)
     stages = [("train", lambda: train.run(p.model, p.train, p.base)), ("fetch", lambda: fetch.run(p.base, p.model)),
               ("sample", lambda: sample.run(p.sample, p.model)), ("finetune", lambda: finetune.run(p.finetune, p.model)),
               ("merge", lambda: merge.run(p.merge)), ("evaluate", lambda: evaluate.run(p.evaluate, p.sample, p.model))]
     times = {}
+    if base_from is not None:
+        stages, times["train"] = stages[1:], f"reused ({base_from.name})"
     for name, fn in stages:
         t0 = time.monotonic()
         fn()
         times[name] = round(time.monotonic() - t0, 1)
     result = json.loads(Path("artifacts/evaluate/evaluation.json").read_text())
     os.chdir(ROOT)
-    return {"label": label, "family": p.model.family, "sampler": p.sample.sampler.for_family(p.model.family).model_dump(),
+    return {"label": label, "data": p.data.source, "family": p.model.family, "sampler": p.sample.sampler.for_family(p.model.family).model_dump(),
             "synthetic_n": p.sample.n, "finetune_images": p.finetune.steps * p.finetune.batch_size,
             "base_images": p.train.steps * p.train.batch_size, "times_s": times, "evaluation": result}
 
 
-def prepare_shared(p: params.Params) -> Path:
-    shared = RUNS / "_shared"
+def prepare_shared(p: params.Params, name: str) -> Path:
+    shared = RUNS / name
     shutil.rmtree(shared, ignore_errors=True)
     shared.mkdir(parents=True)
     os.chdir(shared)
@@ -101,17 +115,17 @@ def fmt_space(ev: dict, space: str) -> tuple[str, str, str]:
 
 
 def image_table(rows: list[dict]) -> list[str]:
-    out = ["| run | sampler | best w | classifier FID base → Neon | gain | Inception FID base → Neon | gain "
+    out = ["| run | data | sampler | best w | classifier FID base → Neon | gain | Inception FID base → Neon | gain "
            "| Inception P/R base → Neon | |S| | fine-tune images (% of base) | stage times (s) |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ev = r["evaluation"]
         clf, clf_gain, _ = fmt_space(ev, "classifier")
         inc, inc_gain, inc_pr = fmt_space(ev, "inception")
-        sampler = ", ".join(f"{k} {v}" for k, v in r["sampler"].items() if k != "guidance" or v != 1.0)
+        sampler = ", ".join(f"{k} {v}" for k, v in r["sampler"].items() if k not in NEUTRAL or v != 1.0)
         share = f"{r['finetune_images']:,} ({100 * r['finetune_images'] / r['base_images']:.1f}%)"
-        times = " / ".join(f"{k} {v:.0f}" for k, v in r["times_s"].items())
-        out.append(f"| {r['label']} | {sampler} | {ev['best_w']:g} | {clf} | {clf_gain} | {inc} | {inc_gain} | {inc_pr} "
+        times = " / ".join(f"{k} {v:.0f}" if isinstance(v, float) else f"{k} {v}" for k, v in r["times_s"].items())
+        out.append(f"| {r['label']} | {r.get('data', 'mnist')} | {sampler} | {ev['best_w']:g} | {clf} | {clf_gain} | {inc} | {inc_gain} | {inc_pr} "
                    f"| {r['synthetic_n']} | {share} | {times} |")
     return out
 
@@ -162,32 +176,45 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--families", nargs="*", default=IMAGE_FAMILIES, choices=IMAGE_FAMILIES)
+    ap.add_argument("--data", help="data.source for the image runs (default: params.yaml's)")
     ap.add_argument("--toys-only", action="store_true")
     ap.add_argument("--no-toys", action="store_true")
     ap.add_argument("--no-controls", action="store_true")
+    ap.add_argument("--controls-only", action="store_true", help="reuse each family's trained base from bench/runs/")
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    report = {"command": "python bench/reproduce.py " + " ".join(sys.argv[1:]), "toys": [], "images": []}
+    command = "python bench/reproduce.py " + " ".join(sys.argv[1:])
+    # Each invocation replaces its own rows and keeps the others, so separate commands build one table.
+    old = json.loads((RESULTS / "results.json").read_text()) if (RESULTS / "results.json").exists() else {}
+    report = {"commands": sorted({*old.get("commands", []), command}), "toys": old.get("toys", []),
+              "images": old.get("images", [])}
     if not args.no_toys:
         report["toys"] = run_toys()
     if not args.toys_only:
         raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-        shared = prepare_shared(params.parse(raw))
-        runs = [(f, {"model.family": f, **FAMILY_OVERRIDES.get(f, {})}) for f in args.families]
+        if args.data:
+            raw = with_overrides(raw, {"data.source": args.data})
+        source = raw.get("data", {}).get("source", "mnist")
+        suffix = "" if source == "mnist" else f"-{source}"
+        shared = prepare_shared(params.parse(raw), f"_shared{suffix}")
+        runs = [] if args.controls_only else [(f + suffix, None, {"model.family": f, **FAMILY_OVERRIDES.get(f, {})})
+                                              for f in args.families]
         if not args.no_controls:
-            runs += [(f"{f} (control)", {"model.family": f, **FAMILY_OVERRIDES.get(f, {}), **c})
+            runs += [(f"{f}-control{suffix}", RUNS / (f + suffix), {"model.family": f, **FAMILY_OVERRIDES.get(f, {}), **c})
                      for f, c in CONTROLS.items() if f in args.families]
-        for label, overrides in runs:
+        for label, base_from, overrides in runs:
+            if base_from is not None and not (base_from / "artifacts" / "train" / "manifest.json").exists():
+                base_from = None  # no trained base to reuse: the control trains its own
             print(f"[bench] {label}: {overrides}", flush=True)
-            report["images"].append(run_family(label.replace(" (control)", "-control"),
-                                               params.parse(with_overrides(raw, overrides)), shared))
+            row = run_family(label, params.parse(with_overrides(raw, overrides)), shared, base_from)
+            report["images"] = [r for r in report["images"] if r["label"] != label] + [row]
             (RESULTS / "results.json").write_text(json.dumps(report, indent=1))
         plot(report["images"], RESULTS / "fid_vs_w.png")
-    lines = [f"Regenerate: `{report['command']}`", ""]
+    lines = ["Regenerate: " + "; ".join(f"`{c}`" for c in report["commands"]), ""]
     if report["toys"]:
         lines += ["### The paper's 2D toy (closed-form FID)", ""] + toy_table(report["toys"]) + [""]
     if report["images"]:
-        lines += ["### Image families on the embedded MNIST digits", ""] + image_table(report["images"])
+        lines += ["### Image families", ""] + image_table(report["images"])
     (RESULTS / "results.md").write_text("\n".join(lines) + "\n")
     (RESULTS / "results.json").write_text(json.dumps(report, indent=1))
     print("\n".join(lines))

@@ -62,6 +62,7 @@ class HeunSettings(Options):
     rho: Annotated[float, Field(gt=0)] = 7.0  # time-step exponent; higher spends more steps at low noise
     s_churn: Annotated[float, Field(ge=0)] = 0.0  # total stochasticity along the trajectory; 0 = deterministic ODE
     guidance: Annotated[float, Field(ge=0)] = 1.0  # classifier-free guidance scale (conditional models); > 1 is mode-seeking
+    score_scale: Annotated[float, Field(gt=0)] = 1.0  # zeta: multiplies the ODE's score term; > 1 contracts to modes, < 1 spreads
 
 
 def noise_levels(s: HeunSettings, device: torch.device) -> torch.Tensor:
@@ -87,10 +88,10 @@ def heun_sample(model: nn.Module, latents: torch.Tensor, settings: HeunSettings,
         t_hat = t_cur + gamma * t_cur
         if gamma > 0:
             x = x + (t_hat ** 2 - t_cur ** 2).sqrt() * churn_noise(x.shape).to(torch.float64)
-        d_cur = (x - _denoise(model, x, t_hat, labels, settings.guidance)) / t_hat
+        d_cur = settings.score_scale * (x - _denoise(model, x, t_hat, labels, settings.guidance)) / t_hat
         x_next = x + (t_next - t_hat) * d_cur
         if i < settings.num_steps - 1:
-            d_prime = (x_next - _denoise(model, x_next, t_next, labels, settings.guidance)) / t_next
+            d_prime = settings.score_scale * (x_next - _denoise(model, x_next, t_next, labels, settings.guidance)) / t_next
             x_next = x + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
         x = x_next
     return x.to(torch.float32)
