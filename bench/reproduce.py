@@ -41,9 +41,10 @@ FAMILY_OVERRIDES = {  # the paper's fine-tune recipes differ by family; these ar
     "diffusers": {},
 }
 SIGNED = {"merge.weights": [-1.5, -1.0, -0.5, 0.5, 1.0, 1.5]}  # a control's best w may be negative
-CONTROLS = {  # diversity-seeking settings, the theory's sign flip: the best w should move down, below 0
-    "edm": {"sample.sampler.edm.score_scale": 0.95, **SIGNED},  # zeta < 1 widens the ODE's samples
-    "ar": {"sample.sampler.ar.temperature": 1.2, **SIGNED},  # temperature > 1
+CONTROLS = {  # diversity-seeking synthetic sets, the theory's sign flip: the best w should move down, below 0
+    "edm": [("zeta0.95", {"sample.sampler.edm.score_scale": 0.95}),  # zeta < 1 widens the ODE's samples
+            ("zeta0.9", {"sample.sampler.edm.score_scale": 0.9})],
+    "ar": [("tau1.2", {"sample.sampler.ar.temperature": 1.2})],  # temperature > 1
 }
 NEUTRAL = {"guidance", "score_scale"}  # sampler settings left out of the table at their neutral value 1
 TOY_RUNS = [("toy_diffusion", {"zeta": 1.1}, "mode-seeking"), ("toy_diffusion", {"zeta": 0.9}, "diversity-seeking"),
@@ -59,6 +60,14 @@ def with_overrides(raw: dict, overrides: dict) -> dict:
             node = node.setdefault(key, {})
         node[leaf] = value
     return raw
+
+
+def measured_as_usual(raw: dict, family: str, control: dict) -> dict:
+    """A control changes only the synthetic set's sampler: its models are measured with the family's
+    usual settings, like the main run's, so its FID values compare with that run's (the toys do the same)."""
+    prefix = f"sample.sampler.{family}."
+    usual = raw["sample"]["sampler"][family]
+    return {"evaluate.sampler": {k[len(prefix):]: usual[k[len(prefix):]] for k in control if k.startswith(prefix)}}
 
 
 def run_family(label: str, p: params.Params, shared: Path, base_from: Path | None = None) -> dict:
@@ -200,8 +209,9 @@ def main() -> None:
         runs = [] if args.controls_only else [(f + suffix, None, {"model.family": f, **FAMILY_OVERRIDES.get(f, {})})
                                               for f in args.families]
         if not args.no_controls:
-            runs += [(f"{f}-control{suffix}", RUNS / (f + suffix), {"model.family": f, **FAMILY_OVERRIDES.get(f, {}), **c})
-                     for f, c in CONTROLS.items() if f in args.families]
+            runs += [(f"{f}-control-{name}{suffix}", RUNS / (f + suffix),
+                      {"model.family": f, **FAMILY_OVERRIDES.get(f, {}), **c, **SIGNED, **measured_as_usual(raw, f, c)})
+                     for f, controls in CONTROLS.items() if f in args.families for name, c in controls]
         for label, base_from, overrides in runs:
             if base_from is not None and not (base_from / "artifacts" / "train" / "manifest.json").exists():
                 base_from = None  # no trained base to reuse: the control trains its own
