@@ -172,9 +172,13 @@ def plot(rows: list[dict], path: Path) -> None:
     for r in rows:
         sweep = sorted(r["evaluation"]["sweep"], key=lambda x: x["w"])
         base = next(x["fid"] for x in sweep if x["w"] == 0)
-        ax.plot([x["w"] for x in sweep], [x["fid"] / base for x in sweep], "o-", ms=3, label=r["label"])
+        line, = ax.plot([x["w"] for x in sweep], [x["fid"] / base for x in sweep], "o" + ("--" if "control" in r["label"] else "-"),
+                        ms=3, label=f"{r['label']} ({r.get('data', 'mnist')})")
+        best = r["evaluation"]["best_w"]
+        ax.plot([best], [next(x["fid"] for x in sweep if x["w"] == best) / base], "*", ms=11, color=line.get_color())
     ax.axhline(1.0, color="grey", lw=0.8, ls=":")
-    ax.set_xlabel("Neon weight w")
+    ax.set_ylim(0.7, 1.5)  # the region where Neon helps; far-off weights leave the chart
+    ax.set_xlabel("Neon weight w (star: best w)")
     ax.set_ylabel("classifier FID / base FID (seed run 0)")
     ax.legend(fontsize=8)
     fig.tight_layout()
