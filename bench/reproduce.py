@@ -36,9 +36,9 @@ RUNS, RESULTS = ROOT / "bench" / "runs", ROOT / "bench" / "results"
 IMAGE_FAMILIES = ["edm", "flow", "consistency", "ar", "diffusers"]
 FAMILY_OVERRIDES = {  # the paper's fine-tune recipes differ by family; these are this project's defaults for each
     "flow": {"finetune.lr": 2e-4},
-    "consistency": {},
+    "consistency": {"merge.weights": [0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0]},  # the paper searches [0, 5] for few-step IMM
     "ar": {"finetune.optimizer": "adamw"},
-    "diffusers": {},
+    "diffusers": {"merge.weights": [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]},  # the paper searches [0, 3] for diffusion
 }
 SIGNED = {"merge.weights": [-1.5, -1.0, -0.5, 0.5, 1.0, 1.5]}  # a control's best w may be negative
 CONTROLS = {  # diversity-seeking synthetic sets, the theory's sign flip: the best w should move down, below 0
