@@ -36,9 +36,9 @@ RUNS, RESULTS = ROOT / "bench" / "runs", ROOT / "bench" / "results"
 IMAGE_FAMILIES = ["edm", "flow", "consistency", "ar", "diffusers"]
 FAMILY_OVERRIDES = {  # the paper's fine-tune recipes differ by family; these are this project's defaults for each
     "flow": {"finetune.lr": 2e-4},
-    "consistency": {},
+    "consistency": {"merge.weights": [0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0]},  # the paper searches [0, 5] for few-step IMM
     "ar": {"finetune.optimizer": "adamw"},
-    "diffusers": {},
+    "diffusers": {"merge.weights": [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]},  # the paper searches [0, 3] for diffusion
 }
 SIGNED = {"merge.weights": [-1.5, -1.0, -0.5, 0.5, 1.0, 1.5]}  # a control's best w may be negative
 CONTROLS = {  # diversity-seeking synthetic sets, the theory's sign flip: the best w should move down, below 0
@@ -74,13 +74,16 @@ def run_family(label: str, p: params.Params, shared: Path, base_from: Path | Non
     """The DAG after `reference`, in bench/runs/<label>/ (data and reference shared by every family).
 
     `base_from`: a run folder whose trained base this run reuses (a control changes only the sampler)."""
-    workdir = RUNS / label
+    workdir, kept = RUNS / label, RUNS / f".{label}-train"
+    if base_from is not None:  # copied aside first: base_from may be this run's own folder
+        shutil.rmtree(kept, ignore_errors=True)
+        shutil.copytree(base_from / "artifacts" / "train", kept)
     shutil.rmtree(workdir, ignore_errors=True)
     (workdir / "artifacts").mkdir(parents=True)
     for name in ("data", "reference"):
         shutil.copytree(shared / "artifacts" / name, workdir / "artifacts" / name)
     if base_from is not None:
-        shutil.copytree(base_from / "artifacts" / "train", workdir / "artifacts" / "train")
+        shutil.move(kept, workdir / "artifacts" / "train")
     os.chdir(workdir)
     stages = [("train", lambda: train.run(p.model, p.train, p.base)), ("fetch", lambda: fetch.run(p.base, p.model)),
               ("sample", lambda: sample.run(p.sample, p.model)), ("finetune", lambda: finetune.run(p.finetune, p.model)),
@@ -196,6 +199,8 @@ def main() -> None:
     ap.add_argument("--no-toys", action="store_true")
     ap.add_argument("--no-controls", action="store_true")
     ap.add_argument("--controls-only", action="store_true", help="reuse each family's trained base from bench/runs/")
+    ap.add_argument("--reuse-base", action="store_true",
+                    help="keep each run's trained base from its last run (when only sampling, fine-tune or merge params changed)")
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     command = "python bench/reproduce.py " + " ".join(sys.argv[1:])
@@ -212,8 +217,8 @@ def main() -> None:
         source = raw.get("data", {}).get("source", "mnist")
         suffix = "" if source == "mnist" else f"-{source}"
         shared = prepare_shared(params.parse(raw), f"_shared{suffix}")
-        runs = [] if args.controls_only else [(f + suffix, None, {"model.family": f, **FAMILY_OVERRIDES.get(f, {})})
-                                              for f in args.families]
+        runs = [] if args.controls_only else [(f + suffix, RUNS / (f + suffix) if args.reuse_base else None,
+                                               {"model.family": f, **FAMILY_OVERRIDES.get(f, {})}) for f in args.families]
         if not args.no_controls:
             runs += [(f"{f}-control-{name}{suffix}", RUNS / (f + suffix),
                       {"model.family": f, **FAMILY_OVERRIDES.get(f, {}), **c, **SIGNED, **measured_as_usual(raw, f, c)})
