@@ -51,17 +51,6 @@ TOY_RUNS = [("toy_diffusion", {"zeta": 1.1}, "mode-seeking"), ("toy_diffusion", 
             ("toy_ar", {"tau": 0.5}, "mode-seeking"), ("toy_ar", {"tau": 1.6}, "diversity-seeking")]
 
 
-def with_overrides(raw: dict, overrides: dict) -> dict:
-    raw = json.loads(json.dumps(raw))
-    for dotted, value in overrides.items():
-        *parents, leaf = dotted.split(".")
-        node = raw
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return raw
-
-
 def measured_as_usual(raw: dict, family: str, control: dict) -> dict:
     """A control changes only the synthetic set's sampler: its models are measured with the family's
     usual settings, like the main run's, so its FID values compare with that run's (the toys do the same)."""
@@ -213,7 +202,7 @@ def main() -> None:
     if not args.toys_only:
         raw = yaml.safe_load((ROOT / "params.yaml").read_text())
         if args.data:
-            raw = with_overrides(raw, {"data.source": args.data})
+            raw = params.with_overrides(raw, {"data.source": args.data})
         source = raw.get("data", {}).get("source", "mnist")
         suffix = "" if source == "mnist" else f"-{source}"
         shared = prepare_shared(params.parse(raw), f"_shared{suffix}")
@@ -227,7 +216,7 @@ def main() -> None:
             if base_from is not None and not (base_from / "artifacts" / "train" / "manifest.json").exists():
                 base_from = None  # no trained base to reuse: the control trains its own
             print(f"[bench] {label}: {overrides}", flush=True)
-            row = run_family(label, params.parse(with_overrides(raw, overrides)), shared, base_from)
+            row = run_family(label, params.parse(params.with_overrides(raw, overrides)), shared, base_from)
             report["images"] = [r for r in report["images"] if r["label"] != label] + [row]
             (RESULTS / "results.json").write_text(json.dumps(report, indent=1))
         plot(report["images"], RESULTS / "fid_vs_w.png")

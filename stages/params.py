@@ -5,6 +5,7 @@ value and what is allowed (see `ParamsError`).
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -180,6 +181,18 @@ def _describe(err: dict[str, Any], source: str) -> str:
         return f"{source}: unknown key `{key}`; remove it or fix its spelling"
     value = "" if isinstance(err.get("input"), dict) else f" = {err.get('input')!r}"
     return f"{source}: `{key}`{value} is invalid: {err['msg']}"
+
+
+def with_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
+    """A copy of raw params with dotted keys set (`sample.sampler.edm.num_steps`), as `dvc exp run -S` sets them."""
+    raw = copy.deepcopy(raw)
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = raw
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return raw
 
 
 def parse(raw: Any, source: str = "params") -> Params:

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from flows import server
-from stages import store
+from stages import params, store
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -72,14 +72,7 @@ def set_params(root: Path, **changes) -> str:
     """Apply dotted-key changes to params.yaml; return the old text so the test can restore it."""
     path = root / "params.yaml"
     old = path.read_text()
-    params = yaml.safe_load(old)
-    for dotted, value in changes.items():
-        *parents, leaf = dotted.split(".")
-        node = params
-        for key in parents:
-            node = node[key]
-        node[leaf] = value
-    path.write_text(yaml.safe_dump(params))
+    path.write_text(yaml.safe_dump(params.with_overrides(yaml.safe_load(old), changes)))
     return old
 
 

@@ -52,13 +52,7 @@ def test_family_runs_through_every_stage(family, tmp_path, monkeypatch):
     from stages import data, evaluate, fetch, finetune, merge, params, reference, sample, train
     from tests.conftest import TINY
 
-    raw = yaml.safe_load(TINY.read_text())
-    for dotted, value in overrides_for(family).items():
-        *parents, leaf = dotted.split(".")
-        node = raw
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
+    raw = params.with_overrides(yaml.safe_load(TINY.read_text()), overrides_for(family))
     raw["reference"]["inception_n"] = 0
     p = params.parse(raw)
     monkeypatch.chdir(tmp_path)
