@@ -1,8 +1,9 @@
 """One Prefect flow per stage; `python -m flows STAGE` is the command each `dvc.yaml` stage runs.
 
 Params are validated before Prefect starts, so a bad `params.yaml` fails in a second with one line.
-Problems with the inputs (a corrupted checkpoint, a missing object) end the flow run as Failed with
-that one line as its message; anything else is a bug and keeps its traceback.
+Problems with the inputs (`models.errors.InputError`: a corrupted checkpoint, a missing object) end
+the flow run as Failed with that one line as its message; anything else is a bug: the flow run fails
+and the command exits with the exception's full traceback.
 """
 from __future__ import annotations
 
@@ -13,13 +14,12 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed
 
-from models.checkpoint import CheckpointError
-from models.merge import MergeError
+from models.errors import InputError
 from stages import data, evaluate, fetch, finetune, merge, reference, sample, train
-from stages.common import EVALUATE, StageError
+from stages.common import EVALUATE
 from stages.params import Params, ParamsError, load
 
-USER_ERRORS = (StageError, ParamsError, CheckpointError, MergeError, FileNotFoundError, ValueError, FloatingPointError)
+INPUT_ERROR = "InputError"  # the name of a flow run's Failed state when the user's input, not the code, is at fault
 
 
 def task_step(name: str, fn, *args):
@@ -54,8 +54,8 @@ def publish_report(manifest: dict) -> dict:
 def stage_flow(stage: str, params: Params):
     try:
         manifest = RUNNERS[stage](params)
-    except USER_ERRORS as exc:
-        return Failed(message=f"{type(exc).__name__}: {exc}" if not isinstance(exc, StageError) else str(exc))
+    except InputError as exc:
+        return Failed(message=str(exc), name=INPUT_ERROR)
     return {"artifact": manifest["artifact"], "digest": manifest["digest"]}
 
 
@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     state = stage_flow(argv[0], params, return_state=True)
-    if state.is_failed():
+    if state.is_failed() and state.name == INPUT_ERROR:
         print(f"error: {state.message}", file=sys.stderr)
         return 1
+    state.result()  # a bug: re-raises the flow's exception, so its traceback reaches the user
     return 0

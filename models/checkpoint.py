@@ -14,13 +14,14 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
 from models import family as families
+from models.errors import InputError
 
 METADATA_KEY = "neon"
 PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 
 
-class CheckpointError(ValueError):
-    pass
+class CheckpointError(InputError, ValueError):
+    """A checkpoint that cannot be read safely or does not fit the params."""
 
 
 def save(path: Path | str, state: dict[str, torch.Tensor], family: str, config: dict[str, Any],

@@ -17,6 +17,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from models.checkpoint import CheckpointError, read as read_safetensors
+from models.errors import ConfigError
 from models.family import Family, Options, register
 from models.guidance import guided
 
@@ -93,12 +94,12 @@ def build(config: dict) -> DiffusersUNet:
     kwargs.setdefault("out_channels", kwargs["in_channels"])
     kwargs.setdefault("sample_size", h if h == w else [h, w])
     if kwargs["in_channels"] != c or kwargs["out_channels"] != c:  # learned-variance UNets output 2c
-        raise ValueError(f"the UNet maps {kwargs['in_channels']} to {kwargs['out_channels']} channels; "
+        raise ConfigError(f"the UNet maps {kwargs['in_channels']} to {kwargs['out_channels']} channels; "
                          f"the data has {c} and the sampler needs one prediction per channel")
     label_dim = config.get("label_dim", 0)
     want = label_dim + 1 if label_dim else None  # the last row of the class embedding means "no label"
     if kwargs.get("class_embed_type") or kwargs.get("num_class_embeds") not in (None, want):
-        raise ValueError(f"label_dim={label_dim} needs a plain class embedding with num_class_embeds={want}; "
+        raise ConfigError(f"label_dim={label_dim} needs a plain class embedding with num_class_embeds={want}; "
                          f"the UNet has {kwargs.get('num_class_embeds')} and class_embed_type "
                          f"{kwargs.get('class_embed_type')!r}")
     kwargs["num_class_embeds"] = want
@@ -122,7 +123,7 @@ def loss(config: dict):
 def timesteps(settings: DDIMSettings, num_train: int, steps_offset: int) -> list[int]:
     n = settings.num_steps
     if n > num_train:
-        raise ValueError(f"num_steps={n} exceeds the model's num_train_timesteps={num_train}")
+        raise ConfigError(f"num_steps={n} exceeds the model's num_train_timesteps={num_train}")
     if settings.timestep_spacing == "leading":
         return [i * (num_train // n) + steps_offset for i in reversed(range(n))]
     if settings.timestep_spacing == "trailing":

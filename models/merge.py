@@ -8,12 +8,14 @@ from typing import Callable
 
 import torch
 
+from models.errors import InputError
+
 MergeFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 _METHODS: dict[str, MergeFn] = {}
 
 
-class MergeError(ValueError):
-    pass
+class MergeError(InputError, ValueError):
+    """Two checkpoints that cannot be merged (another architecture, a diverged fine-tune)."""
 
 
 def merge_method(name: str):
@@ -35,15 +37,17 @@ def linear(base: torch.Tensor, other: torch.Tensor, w: float) -> torch.Tensor:
     return base + w * (other - base)
 
 
-def _mergeable(t: torch.Tensor) -> bool:
-    return t.is_floating_point() and bool(torch.isfinite(t).all())
+def _finite(t: torch.Tensor) -> bool:
+    return bool(torch.isfinite(t).all())
 
 
 def merge(base: dict[str, torch.Tensor], other: dict[str, torch.Tensor], w: float,
-          method: str = "neon") -> dict[str, torch.Tensor]:
+          method: str = "neon", other_name: str = "self-trained") -> dict[str, torch.Tensor]:
     """Merge tensor by tensor in fp32, cast back to each tensor's dtype.
 
-    Integer buffers and tensors holding non-finite values (in either input) are copied from the base.
+    Integer buffers, and tensors already non-finite in the base (e.g. -inf attention masks), are
+    copied from the base. A tensor that is finite in the base but not in `other` means the other
+    model is broken (a diverged fine-tune): refused, naming the tensor and `other_name`.
     """
     try:
         fn = _METHODS[method]
@@ -61,8 +65,11 @@ def merge(base: dict[str, torch.Tensor], other: dict[str, torch.Tensor], w: floa
         if b.shape != o.shape or b.dtype != o.dtype:
             raise MergeError(f"tensor `{name}`: base is {tuple(b.shape)} {b.dtype}, self-trained is "
                              f"{tuple(o.shape)} {o.dtype}: both must come from the same architecture")
-        if _mergeable(b) and _mergeable(o):
-            out[name] = fn(b.to(torch.float32), o.to(torch.float32), float(w)).to(b.dtype)
-        else:
+        if not b.is_floating_point() or not _finite(b):
             out[name] = b.clone()
+        elif not _finite(o):
+            raise MergeError(f"tensor `{name}` holds NaN/inf in the {other_name} checkpoint but is finite in the base: "
+                             "that model is broken (a diverged fine-tune?); rerun it with a lower learning rate")
+        else:
+            out[name] = fn(b.to(torch.float32), o.to(torch.float32), float(w)).to(b.dtype)
     return out

@@ -1,14 +1,19 @@
 """Sample-quality metrics on features: FID and KID (clean-fid's own functions), precision/recall
-(Kynkaanniemi et al. 2019, k-NN balls, k = 5 as in the paper), and a bootstrap interval for FID."""
+(Kynkaanniemi et al. 2019, k-NN balls, k = 5 as in the paper), a bootstrap interval for FID, and
+the paired comparison of two models measured on the same seeds."""
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
 from cleanfid.fid import frechet_distance, kernel_distance
 
+from models.errors import InputError
 
-class MetricInputError(ValueError):
-    pass
+
+class MetricInputError(InputError, ValueError):
+    """Samples a metric cannot be computed on (wrong shape or dtype, too few, non-finite)."""
 
 
 def check_images(images: torch.Tensor, shape: tuple[int, ...], what: str) -> None:
@@ -48,6 +53,18 @@ def _kth_radius(x: torch.Tensor, k: int) -> torch.Tensor:
     return d.kthvalue(k + 1, dim=1).values  # +1: the point itself is its own nearest neighbour
 
 
+def real_subset(real_features: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """`count` real features drawn at random without replacement (all of them when there are fewer).
+
+    Data files are often sorted by class (the built-in MNIST is), so the first `count` rows would be
+    one or two classes; the same seed gives every model the same subset.
+    """
+    if count >= len(real_features):
+        return real_features
+    index = np.random.default_rng(seed).choice(len(real_features), size=count, replace=False)
+    return real_features[np.sort(index)]
+
+
 def precision_recall(features: np.ndarray, real_features: np.ndarray, k: int = 5) -> tuple[float, float]:
     """Precision: share of generated samples inside some real k-NN ball; recall: the reverse."""
     g = torch.from_numpy(np.asarray(features, dtype=np.float64))
@@ -75,3 +92,33 @@ def fid_bootstrap(features: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarra
     lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
     bias = float(np.mean(values)) - fid(features, mu_ref, sigma_ref)
     return float(max(lo - bias, 0.0)), float(hi - bias)
+
+
+def paired_difference(base_runs: list[float], neon_runs: list[float], level: float = 0.95) -> dict:
+    """Paired t interval for the mean of base - neon over seed runs that share their seeds.
+
+    Base and Neon are measured on the same latents in each seed run (common random numbers), so the
+    per-run differences are the observations: k runs give k - 1 degrees of freedom. `verdict` is
+    `improved` (the interval lies above 0), `worse` (below 0) or `inconclusive`; `runs_needed` is how
+    many runs would put an interval of the observed spread clear of 0 (None if the difference is 0).
+    """
+    from scipy.stats import t as student_t
+
+    d = np.asarray(base_runs, dtype=np.float64) - np.asarray(neon_runs, dtype=np.float64)
+    k = len(d)
+    if k < 2 or len(base_runs) != len(neon_runs):
+        raise MetricInputError(f"a paired comparison needs 2+ seed runs of each model, got {len(base_runs)} "
+                               f"and {len(neon_runs)}")
+    mean, sd = float(d.mean()), float(d.std(ddof=1))
+    quantile = float(student_t.ppf((1 + level) / 2, k - 1))
+    half = quantile * sd / math.sqrt(k)
+    verdict = "improved" if mean - half > 0 else "worse" if mean + half < 0 else "inconclusive"
+    runs_needed = None
+    if mean != 0:
+        runs_needed = k
+        while float(student_t.ppf((1 + level) / 2, runs_needed - 1)) * sd / math.sqrt(runs_needed) >= abs(mean):
+            runs_needed += 1
+            if runs_needed > 10_000:
+                break
+    return {"mean": mean, "sd": sd, "runs": k, "df": k - 1, "level": level, "t": quantile,
+            "interval": [mean - half, mean + half], "verdict": verdict, "runs_needed": runs_needed}

@@ -10,6 +10,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from models.errors import NonFiniteError
 from models.family import Family
 from models.training import to_uint8
 
@@ -43,7 +44,7 @@ def generate(model: nn.Module, family: Family, settings, image_shape: tuple[int,
         lab = None if labels is None else labels[start:start + batch_size].to(device)
         images = family.sample(model, latents, settings, lab, noise)
         if not torch.isfinite(images).all():
-            raise FloatingPointError(f"the sampler produced NaN/inf images for seeds {chunk[0]}..{chunk[-1]}: "
+            raise NonFiniteError(f"the sampler produced NaN/inf images for seeds {chunk[0]}..{chunk[-1]}: "
                                      "the model's weights are broken (e.g. a too large |w|) or the sampler diverged")
         out.append((to_uint8(images) if family.data_kind == "image" else images.to(torch.float32)).cpu())
         if progress:

@@ -8,6 +8,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from models.errors import NonFiniteError
+
 Progress = Callable[[int, int, dict], None]  # (step, total, figures) -> None
 
 
@@ -66,7 +68,7 @@ def fit(model: nn.Module, loss_fn, data: torch.Tensor, labels: torch.Tensor | No
             lab = lab.to(dev)
         loss = loss_fn(model, batch, lab, noise_gen)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower the learning rate")
+            raise NonFiniteError(f"training loss became {loss.item()} at step {step}; lower the learning rate")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.errors import InputError
+
 ARTIFACTS = Path("artifacts")
 WORK = Path(".neon/work")  # resumable partial work (e.g. sample shards); never a DVC output
 
@@ -18,7 +20,7 @@ RESULTS = Path("results")  # DVC metrics and plots, small enough for git
 MODEL_FILE = "model.safetensors"
 
 
-class StageError(RuntimeError):
+class StageError(InputError, RuntimeError):
     """A problem with the stage's inputs that the user must fix; its message names the fix."""
 
 

@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import gzip
 from importlib import resources
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from models import toy_check
+from models import toy_target
 from stages import sources
 from stages.artifacts import artifact
 from stages.common import DATA, log, save_images
-from stages.params import DataParams
+
+if TYPE_CHECKING:  # annotations only: validating params (all families' schemas) is the entry point's job
+    from stages.params import DataParams
 
 
 def _mnist_5k() -> tuple[np.ndarray, np.ndarray, str]:
@@ -28,9 +31,9 @@ TOY_POINTS = 1000  # the paper's toy trains its diffusion base on 1,000 points
 
 
 def _toy2d(count: int) -> tuple[np.ndarray, None, str, dict]:
-    points = toy_check.toy_points(count or TOY_POINTS, seed=0).numpy()
-    population = {"mean": toy_check.TOY_MEAN.tolist(), "cov": toy_check.TOY_COV.tolist()}
-    return points, None, "models/toy_check.py: N(0, [[2, 1], [1, 2]]), seed 0", population
+    points = toy_target.toy_points(count or TOY_POINTS, seed=0).numpy()
+    population = {"mean": toy_target.TOY_MEAN.tolist(), "cov": toy_target.TOY_COV.tolist()}
+    return points, None, "models/toy_target.py: N(0, [[2, 1], [1, 2]]), seed 0", population
 
 
 def _images(source: str) -> sources.RealImages:

@@ -4,25 +4,25 @@
    (the classifier's features for images; the raw coordinates, i.e. closed-form FID, for 2D points).
 2. Refine: golden-section search for w inside the sweep's best bracket (merged in memory).
 3. Confirm: base and best w on `seeds` fresh sample seeds, in every feature space; a bootstrap
-   interval for the primary FID. The verdict "Neon improved FID" needs the gain to exceed
-   twice the standard error of the difference of the seed means.
-All models use the same per-sample seeds (common random numbers). Each measurement is cached by
-content (model identity, seed, sample count, settings, reference), so a rerun that changes only
-`merge.weights` measures only the new weights.
+   interval for the primary FID. Base and Neon share the seeds of each run (common random numbers),
+   so the verdict is a paired t interval over the runs: "improved" only when it lies above zero.
+Precision/recall compare equal counts: a fixed random subset of the real features, the same for
+every model. Each measurement is cached by everything that changes it: the models' digests, w, the
+seed run and sample counts, every evaluate param the measurement reads, the sampler settings, the
+reference's digest and the digest of every project module this stage runs (`stages.code`). A rerun
+that changes only `merge.weights` measures only the new weights; a code edit measures again.
 """
 from __future__ import annotations
 
 import json
-import math
 import shutil
-from pathlib import Path
 
 import numpy as np
 
-from models import checkpoint, inception, metrics, sampling
+from models import checkpoint, metrics
 from models.merge import merge
 from models.sampling import class_labels, generate
-from stages import report
+from stages import code, report
 from stages.artifacts import artifact, atomic_file, input_ref, read_manifest, sha256_bytes, verify
 from stages.common import (BASE, DATA, EVALUATE, MERGED, MODEL_FILE, REFERENCE, RESULTS, SELFTRAINED, SYNTHETIC,
                            WORK, StageError,
@@ -68,10 +68,11 @@ def run(p: EvaluateParams, sample_p: SampleParams, model_p: ModelParams, step=No
     base_state, _ = checkpoint.read(BASE / MODEL_FILE)
     selftrained_state, _ = checkpoint.read(SELFTRAINED / MODEL_FILE)
     grid_ws = list(read_manifest(MERGED)["params"]["weights"])
-    # The measuring code is part of the key: a fix to a metric must not be answered from the cache.
-    code = sha256_bytes(b"".join(Path(m.__file__).read_bytes() for m in (metrics, inception, sampling)))
-    settings_key = json.dumps([model_p.family, base_settings.model_dump(), p.batch_size, p.k, p.grid, inputs["reference"]["digest"],
-                               code])
+    # Everything a measurement reads, code included: a fix to a sampler or a metric is never answered
+    # from the cache for one model while another is measured with the new code.
+    settings_key = json.dumps([model_p.family, model_p.label_dim, base_settings.model_dump(),
+                               p.model_dump(include={"n", "seed", "batch_size", "k", "grid"}),
+                               inputs["reference"]["digest"], code.digest(__name__)])
     CACHE.mkdir(parents=True, exist_ok=True)
 
     def state_for(w: float):
@@ -79,7 +80,7 @@ def run(p: EvaluateParams, sample_p: SampleParams, model_p: ModelParams, step=No
             return base_state
         if w in grid_ws:  # the shipped artifact itself
             return checkpoint.read(MERGED / merged_name(w))[0]
-        return merge(base_state, selftrained_state, w)
+        return merge(base_state, selftrained_state, w, other_name=str(SELFTRAINED / MODEL_FILE))
 
     def measure(w: float, seed_run: int, n_by_space: dict[str, int], bootstrap: int = 0, guidance: float = g0) -> dict:
         identity = [inputs["base"]["digest"], inputs["selftrained"]["digest"] if w else None, w]
@@ -101,13 +102,7 @@ def run(p: EvaluateParams, sample_p: SampleParams, model_p: ModelParams, step=No
         for name, count in n_by_space.items():
             space = spaces[name]
             feats = space.extract(images[:count])
-            if len(space.real):
-                prec, rec = metrics.precision_recall(feats, space.real[:count], p.k)  # equal counts where possible
-                kid = metrics.kid(feats, space.real)
-            else:  # imported statistics (reference.stats) carry no real features to compare samples with
-                prec = rec = kid = float("nan")
-            result[name] = {"n": count, "fid": metrics.fid(feats, space.mu, space.sigma),
-                            "kid": kid, "precision": prec, "recall": rec}
+            result[name] = score(space, feats, p.k, p.seed)
             if bootstrap and name == primary:
                 result[name]["fid_interval"] = metrics.fid_bootstrap(feats, space.mu, space.sigma, bootstrap)
         with atomic_file(CACHE / f"{key}.npz") as tmp:
@@ -163,6 +158,18 @@ def run(p: EvaluateParams, sample_p: SampleParams, model_p: ModelParams, step=No
     return out.manifest
 
 
+def score(space, feats: np.ndarray, k: int, seed: int) -> dict:
+    """FID, KID and precision/recall of generated features in one space."""
+    if len(space.real):
+        real = metrics.real_subset(space.real, len(feats), seed)  # equal counts, every class, same for every model
+        prec, rec = metrics.precision_recall(feats, real, k)
+        kid = metrics.kid(feats, space.real)
+    else:  # imported statistics (reference.stats) carry no real features to compare samples with
+        prec = rec = kid = float("nan")
+    return {"n": len(feats), "fid": metrics.fid(feats, space.mu, space.sigma), "kid": kid,
+            "precision": prec, "recall": rec}
+
+
 def summarise(confirm: dict[str, list[dict]], spaces_n: dict[str, int]) -> dict:
     out = {}
     for space in spaces_n:
@@ -174,14 +181,10 @@ def summarise(confirm: dict[str, list[dict]], spaces_n: dict[str, int]) -> dict:
                           **{m: float(np.mean([r[space][m] for r in runs])) for m in ("kid", "precision", "recall")}}
             if "fid_interval" in runs[0][space]:
                 per[label]["fid_interval_seed1"] = runs[0][space]["fid_interval"]
-        b, n = per["base"], per["neon"]
-        k = len(confirm["base"])
-        se = math.sqrt((b["fid_std"] ** 2 + n["fid_std"] ** 2) / k)
-        gain = b["fid_mean"] - n["fid_mean"]
-        per["gain"] = gain
-        per["relative_gain"] = gain / b["fid_mean"] if b["fid_mean"] else 0.0
-        per["noise"] = 2 * se
-        per["improved"] = bool(gain > 2 * se)
+        paired = metrics.paired_difference(per["base"]["fid_runs"], per["neon"]["fid_runs"])
+        per["gain"] = paired
+        per["relative_gain"] = paired["mean"] / per["base"]["fid_mean"] if per["base"]["fid_mean"] else 0.0
+        per["improved"] = paired["verdict"] == "improved"
         out[space] = per
     return out
 

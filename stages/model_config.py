@@ -24,7 +24,7 @@ def conditioning_labels(p: ModelParams, labels):
         return None
     classes = read_manifest(DATA)["data"].get("classes", 0)
     if labels is None or classes != p.label_dim:
-        raise ValueError(f"model.label_dim = {p.label_dim} but the data has {classes or 'no'} classes; "
+        raise StageError(f"model.label_dim = {p.label_dim} but the data has {classes or 'no'} classes; "
                          f"set model.label_dim to {classes} (or 0 for an unconditional model)")
     return labels
 

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from models import family as families
+from models.errors import InputError
 
 PARAMS_FILE = Path("params.yaml")
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -171,8 +172,8 @@ def sampler_settings(sample: SampleParams, model: ModelBase, overrides: dict | N
                          f"(the {model.family} sampler takes {', '.join(type(settings).model_fields)})") from None
 
 
-class ParamsError(ValueError):
-    pass
+class ParamsError(InputError, ValueError):
+    """A params.yaml that does not validate; the message names the key, the value and what is allowed."""
 
 
 def _describe(err: dict[str, Any], source: str) -> str:

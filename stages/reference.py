@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -29,7 +29,9 @@ from models.metrics import statistics
 from stages import store
 from stages.artifacts import artifact, input_ref, read_manifest, sha256_bytes, verify
 from stages.common import DATA, REFERENCE, WORK, StageError, load_data, log, progress
-from stages.params import ReferenceParams
+
+if TYPE_CHECKING:  # annotations only: validating params (all families' schemas) is the entry point's job
+    from stages.params import ReferenceParams
 
 INCEPTION_DIR = WORK / "inception"  # clean-fid's Inception file, written once from the shipped network
 

@@ -96,6 +96,8 @@ def dvc_metrics(result: dict) -> dict:
         out[space] = {"fid_base": round(s["base"]["fid_mean"], 4), "fid_base_std": round(s["base"]["fid_std"], 4),
                       "fid_neon": round(s["neon"]["fid_mean"], 4), "fid_neon_std": round(s["neon"]["fid_std"], 4),
                       "relative_gain": round(s["relative_gain"], 4), "improved": s["improved"],
+                      "gain": round(s["gain"]["mean"], 4), "gain_low": round(s["gain"]["interval"][0], 4),
+                      "gain_high": round(s["gain"]["interval"][1], 4), "verdict": s["gain"]["verdict"],
                       "precision_base": round(s["base"]["precision"], 4), "precision_neon": round(s["neon"]["precision"], 4),
                       "recall_base": round(s["base"]["recall"], 4), "recall_neon": round(s["neon"]["recall"], 4),
                       "kid_base": round(s["base"]["kid"], 6), "kid_neon": round(s["neon"]["kid"], 6)}
@@ -103,12 +105,20 @@ def dvc_metrics(result: dict) -> dict:
 
 
 def verdict(space: str, s: dict) -> str:
-    b, n = s["base"], s["neon"]
-    if s["improved"]:
-        return (f"{space}: Neon improved FID {b['fid_mean']:.3f} -> {n['fid_mean']:.3f} "
-                f"({100 * s['relative_gain']:.1f}%), beyond the noise ({s['noise']:.3f} = 2 standard errors)")
-    return (f"{space}: Neon did NOT improve FID beyond the noise: {b['fid_mean']:.3f} -> {n['fid_mean']:.3f} "
-            f"(gain {s['gain']:.3f}, noise {s['noise']:.3f} = 2 standard errors)")
+    """One line: the paired gain with its t interval, and what it lets us conclude."""
+    b, n, g = s["base"]["fid_mean"], s["neon"]["fid_mean"], s["gain"]
+    lo, hi = g["interval"]
+    gain = (f"gain {g['mean']:.3f}, {100 * g['level']:.0f}% interval [{lo:.3f}, {hi:.3f}] "
+            f"(paired t over {g['runs']} seed runs, {g['df']} df)")
+    if g["verdict"] == "improved":
+        return f"{space}: Neon improved FID {b:.3f} -> {n:.3f} ({100 * s['relative_gain']:.1f}%): {gain}"
+    if g["verdict"] == "worse":
+        return f"{space}: Neon made FID worse, {b:.3f} -> {n:.3f}: {gain}"
+    line = f"{space}: no conclusion, the interval includes 0: FID {b:.3f} -> {n:.3f}, {gain}"
+    if g["runs_needed"] and g["runs_needed"] > g["runs"]:
+        line += (f"; too few seed runs to conclude: about {g['runs_needed']} would resolve a difference of this "
+                 "size at this spread (evaluate.seeds)")
+    return line
 
 
 def markdown(result: dict, lineage: list[tuple[str, str]]) -> str:

@@ -4,8 +4,8 @@ Sample i uses seed + i and network batches start at multiples of `batch_size` (s
 batches), so the set is bit-identical for any shard size or number of workers. (A different
 `batch_size` changes float rounding inside the network: images then agree within one grey level,
 so batch_size is part of the params that key the set.) Shards are
-written atomically into a work folder keyed by (base digest, params); a rerun after a kill keeps the
-complete ones. The artifact is published only when every shard is there.
+written atomically into a work folder keyed by (base digest, params, code digest); a rerun after a
+kill keeps the complete ones. The artifact is published only when every shard is there.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from models.sampling import class_labels, generate
+from stages import code
 from stages.artifacts import artifact, atomic_file, input_ref, sha256_bytes
 from stages.common import BASE, MODEL_FILE, SYNTHETIC, WORK, device, device_name, load_images, log, progress, save_images
 from stages.model_config import load
@@ -31,7 +32,9 @@ def shard_name(start: int, stop: int) -> str:
 
 
 def work_dir(base_digest: str, params: dict) -> Path:
-    key = sha256_bytes(json.dumps([base_digest, params], sort_keys=True).encode())
+    """Where a run's shards wait until the set is complete: keyed by the base, the params and the sampling
+    code, so a rerun after a sampler fix never resumes from shards the old code drew."""
+    key = sha256_bytes(json.dumps([base_digest, params, code.digest(__name__)], sort_keys=True).encode())
     return WORK / "sample" / key[:20]
 
 

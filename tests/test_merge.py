@@ -60,15 +60,25 @@ def test_integer_buffers_copied_from_base(states):
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
-@pytest.mark.parametrize("where", ["base", "other"])
-def test_non_finite_tensors_copied_from_base(states, bad, where):
+def test_tensors_non_finite_in_the_base_are_copied_from_it(states, bad):
+    """An -inf attention mask or a NaN placeholder in the base is kept as is, in both inputs."""
     base, other = (dict(s) for s in states)
-    target = base if where == "base" else other
-    target["0.weight"] = target["0.weight"].clone()
-    target["0.weight"][0, 0] = bad
+    for state in (base, other):
+        state["0.weight"] = state["0.weight"].clone()
+        state["0.weight"][0, 0] = bad
     out = merge(base, other, 1.0)
     torch.testing.assert_close(out["0.weight"], base["0.weight"], equal_nan=True, rtol=0, atol=0)
     assert not torch.equal(out["0.bias"], base["0.bias"])  # other tensors still merged
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_tensor_broken_only_in_the_self_trained_model_is_refused(states, bad):
+    """A diverged fine-tune must not pass as a merge of the base: the tensor and checkpoint are named."""
+    base, other = (dict(s) for s in states)
+    other["0.weight"] = other["0.weight"].clone()
+    other["0.weight"][1, 2] = bad
+    with pytest.raises(MergeError, match=r"`0\.weight`.*NaN/inf in the artifacts/selftrained/model\.safetensors"):
+        merge(base, other, 1.0, other_name="artifacts/selftrained/model.safetensors")
 
 
 def test_missing_key_names_tensor(states):
