@@ -68,6 +68,20 @@ def project(tmp_path_factory, s3_store, prefect_api):
     return root, env
 
 
+def run_stages(p: params.Params, last: str = "evaluate") -> None:
+    """The stage functions `dvc repro` runs, in order, in the current folder, through `last`."""
+    from stages import data, evaluate, fetch, finetune, merge, reference, sample, train
+
+    for name, step in [("data", lambda: data.run(p.data)), ("reference", lambda: reference.run(p.reference)),
+                       ("train", lambda: train.run(p.model, p.train, p.base)), ("fetch", lambda: fetch.run(p.base, p.model)),
+                       ("sample", lambda: sample.run(p.sample, p.model)),
+                       ("finetune", lambda: finetune.run(p.finetune, p.model)), ("merge", lambda: merge.run(p.merge)),
+                       ("evaluate", lambda: evaluate.run(p.evaluate, p.sample, p.model))]:
+        step()
+        if name == last:
+            return
+
+
 def set_params(root: Path, **changes) -> str:
     """Apply dotted-key changes to params.yaml; return the old text so the test can restore it."""
     path = root / "params.yaml"

@@ -8,8 +8,8 @@ import shutil
 import pytest
 import yaml
 
-from stages import code, data, evaluate, fetch, finetune, merge, params, reference, sample, train
-from tests.conftest import REPO, TINY
+from stages import code, evaluate, params, sample
+from tests.conftest import REPO, TINY, run_stages
 
 # The paper's 2D toy runs the same stages and caches as images, in seconds.
 FAST = {"model.family": "toy_diffusion", "data.source": "toy2d", "data.limit": 300, "reference.inception_n": 0,
@@ -25,16 +25,9 @@ def tiny(**changes) -> params.Params:
 def pipeline(tmp_path_factory):
     """The stages up to merge, run in-process in a folder of their own."""
     folder = tmp_path_factory.mktemp("caches")
-    p = tiny()
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(folder)
-        data.run(p.data)
-        reference.run(p.reference)
-        train.run(p.model, p.train, p.base)
-        fetch.run(p.base, p.model)
-        sample.run(p.sample, p.model)
-        finetune.run(p.finetune, p.model)
-        merge.run(p.merge)
+        run_stages(tiny(), last="merge")
     return folder
 
 

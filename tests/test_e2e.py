@@ -31,7 +31,15 @@ def test_repro_runs_every_stage_and_writes_metrics(reproduced):
     assert len(evaluation["confirm"]["inception"]["base"]["fid_runs"]) == 2  # evaluate.seeds = 2
     report = (root / "artifacts/evaluate/report.md").read_text()
     assert "classifier (128-d)" in report and "inception (2048-d)" in report
-    assert ("Neon improved FID" in report) or ("did NOT improve" in report)
+    for space in ("classifier", "inception"):  # the verdict is the paired t interval of the reported runs
+        confirm = evaluation["confirm"][space]
+        diffs = [b - n for b, n in zip(confirm["base"]["fid_runs"], confirm["neon"]["fid_runs"])]
+        mean, half = sum(diffs) / 2, 12.7062 * abs(diffs[0] - diffs[1]) / 2  # 2 runs: sd/sqrt(2) = |d1 - d2|/2
+        want = "improved" if mean - half > 0 else "worse" if mean + half < 0 else "inconclusive"
+        assert confirm["gain"]["interval"] == pytest.approx([mean - half, mean + half], rel=1e-3, abs=1e-6)
+        assert metrics[space]["verdict"] == want
+        assert {"improved": "Neon improved FID", "worse": "Neon made FID worse",
+                "inconclusive": "no conclusion"}[want] in report.split(f"- {space}:", 1)[1].splitlines()[0]
     html = (root / "artifacts/evaluate/report.html").read_text()
     assert html.count("data:image/png;base64,") == 2
     for picture in ("grid_base.png", "grid_best.png", "grid_compare.png", "fid_vs_w.png"):
@@ -91,6 +99,19 @@ def test_second_repro_reruns_nothing(reproduced):
     out = run(["dvc", "repro"], root, env).stdout
     assert stages_ran(out) == []
     assert time.monotonic() - t0 < 15
+
+
+def test_dvc_tracks_only_the_active_family_params(reproduced):
+    """Another family's options are not a dependency; the active family's are (templated in dvc.yaml)."""
+    root, env, _ = reproduced
+    old = set_params(root, **{"model.ar.dim": 64, "sample.sampler.flow.num_steps": 3})
+    try:
+        assert "up to date" in run(["dvc", "status"], root, env).stdout
+        set_params(root, **{"model.edm.emb_dim": 32})
+        status = run(["dvc", "status", "--json"], root, env).stdout
+        assert {"train", "fetch", "sample", "finetune", "evaluate"} <= set(json.loads(status))
+    finally:
+        (root / "params.yaml").write_text(old)
 
 
 def test_changing_a_merge_param_reruns_only_merge_and_evaluate(reproduced):

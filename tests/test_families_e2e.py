@@ -49,25 +49,53 @@ def test_family_runs_through_every_stage(family, tmp_path, monkeypatch):
     """The stage functions `dvc repro` runs, in order, in a fresh folder: data -> ... -> evaluate."""
     import yaml
 
-    from stages import data, evaluate, fetch, finetune, merge, params, reference, sample, train
-    from tests.conftest import TINY
+    from stages import params
+    from tests.conftest import TINY, run_stages
 
     raw = params.with_overrides(yaml.safe_load(TINY.read_text()), overrides_for(family))
     raw["reference"]["inception_n"] = 0
     p = params.parse(raw)
     monkeypatch.chdir(tmp_path)
-    data.run(p.data)
-    reference.run(p.reference)
-    train.run(p.model, p.train, p.base)
-    fetch.run(p.base, p.model)
-    sample.run(p.sample, p.model)
-    finetune.run(p.finetune, p.model)
-    merge.run(p.merge)
-    evaluate.run(p.evaluate, p.sample, p.model)
+    run_stages(p)
     result = json.loads((tmp_path / "artifacts/evaluate/evaluation.json").read_text())
     assert result["family"] == family
-    assert result["primary_space"] == ("raw" if family.startswith("toy") else "classifier")
-    assert result["confirm"][result["primary_space"]]["base"]["fid_mean"] > 0
+    primary = result["primary_space"]
+    assert primary == ("raw" if family.startswith("toy") else "classifier")
+    check_outputs(p, tmp_path, result)
+
+
+def check_outputs(p, root, result) -> None:
+    """What a wrong stage would break: the set's size and spread, the merge formula on the real
+    checkpoints, the sweep and its argmin, and the confirmation runs behind the reported means."""
+    import numpy as np
+    import torch
+
+    from models import checkpoint
+    from stages.merge import merged_name
+    from stages.sample import load_synthetic
+
+    images, _ = load_synthetic()  # the test runs in `root`
+    assert len(images) == p.sample.n and np.isfinite(images.astype(np.float64)).all()
+    assert images.astype(np.float64).std() > 0 and len(np.unique(images.reshape(len(images), -1), axis=0)) == p.sample.n
+    base, _ = checkpoint.read(root / "artifacts/base/model.safetensors")
+    tuned, _ = checkpoint.read(root / "artifacts/selftrained/model.safetensors")
+    assert any(not torch.equal(base[k], tuned[k]) for k in base), "fine-tuning changed no weight"
+    for w in p.merge.weights:
+        merged, _ = checkpoint.read(root / "artifacts/merged" / merged_name(w))
+        for k, b in base.items():
+            if b.is_floating_point():
+                torch.testing.assert_close(merged[k], b - w * (tuned[k] - b), rtol=1e-5, atol=1e-6)
+    primary = result["primary_space"]
+    sweep = {r["w"]: r["fid"] for r in result["sweep"] if r["stage"] == "sweep"}
+    assert set(sweep) == {0.0, *p.merge.weights}
+    assert result["best_w"] == min(result["sweep"], key=lambda r: r["fid"])["w"]
+    for label in ("base", "neon"):
+        runs = result["confirm"][primary][label]["fid_runs"]
+        assert len(runs) == p.evaluate.seeds and all(f > 0 for f in runs)
+        assert result["confirm"][primary][label]["fid_mean"] == pytest.approx(sum(runs) / len(runs))
+    if result["best_w"] == 0:  # the same model on the same seeds: exactly no difference
+        assert result["confirm"][primary]["gain"]["mean"] == 0
+
 
 
 # Two families keep the suite short; NEON_EXP_ALL_FAMILIES=1 runs every family's experiment (about 8 minutes).
