@@ -47,8 +47,10 @@ CONTROLS = {  # diversity-seeking synthetic sets, the theory's sign flip: the be
     "ar": [("tau1.2", {"sample.sampler.ar.temperature": 1.2})],  # temperature > 1
 }
 NEUTRAL = {"guidance", "score_scale"}  # sampler settings left out of the table at their neutral value 1
-TOY_RUNS = [("toy_diffusion", {"zeta": 1.1}, "mode-seeking"), ("toy_diffusion", {"zeta": 0.9}, "diversity-seeking"),
-            ("toy_ar", {"tau": 0.5}, "mode-seeking"), ("toy_ar", {"tau": 1.6}, "diversity-seeking")]
+TOY_RUNS = [  # (family, sampler, kind, model options): the diffusion toy as the paper's notebook, then consistent
+    *[("toy_diffusion", {"zeta": z}, kind, {"time_input": t}) for t in ("notebook", "consistent")
+      for z, kind in ((1.1, "mode-seeking"), (0.9, "diversity-seeking"))],
+    ("toy_ar", {"tau": 0.5}, "mode-seeking", {}), ("toy_ar", {"tau": 1.6}, "diversity-seeking", {})]
 
 
 def measured_as_usual(raw: dict, family: str, control: dict) -> dict:
@@ -110,7 +112,11 @@ def fmt_space(ev: dict, space: str) -> tuple[str, str, str]:
     s = ev["confirm"][space]
     b, n = s["base"], s["neon"]
     fid = f"{b['fid_mean']:.2f} ± {b['fid_std']:.2f} → {n['fid_mean']:.2f} ± {n['fid_std']:.2f}"
-    gain = f"{100 * s['relative_gain']:+.1f}%" + (" (beyond 2 s.e.)" if s["improved"] else " (within noise)")
+    if "interval" not in s["gain"]:  # rows measured before the paired test (commit f963d7b and earlier)
+        gain = f"{100 * s['relative_gain']:+.1f}% (unpaired 2 s.e. test: not rerun)"
+    else:
+        lo, hi = s["gain"]["interval"]
+        gain = f"{100 * s['relative_gain']:+.1f}% ({s['gain']['verdict']}; 95% paired CI [{lo:.2f}, {hi:.2f}])"
     pr = f"{b['precision']:.2f}/{b['recall']:.2f} → {n['precision']:.2f}/{n['recall']:.2f}"
     return fid, gain, pr
 
@@ -131,24 +137,32 @@ def image_table(rows: list[dict]) -> list[str]:
     return out
 
 
+def _maybe(row: dict, key: str, fmt: str) -> str:
+    return fmt.format(row[key]) if key in row else "–"  # rows from before the column existed
+
+
 def toy_table(rows: list[dict]) -> list[str]:
-    out = ["| toy | sampler | kind | best w | closed-form FID base → best | P-weighted gradient cosine | time (s) |",
-           "|---|---|---|---|---|---|---|"]
+    out = ["| toy | time input | sampler | kind | best w | closed-form FID base → best | P-weighted gradient cosine "
+           "| real-risk slope dL/dw at w=0 | real risk at best w vs w=0 | time (s) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['family']} | {r['sampler']} | {r['kind']} | {r['best_w']:+g} | {r['base_fid']:.4f} → "
-                   f"{r['best_fid']:.4f} | {r['alignment']:+.3f} | {r['time_s']:.0f} |")
+        out.append(f"| {r['family']} | {r.get('options', {}).get('time_input', '–')} | {r['sampler']} | {r['kind']} "
+                   f"| {r['best_w']:+g} | {r['base_fid']:.4f} → "
+                   f"{r['best_fid']:.4f} | {r['alignment']:+.3f} | {_maybe(r, 'risk_slope', '{:+.1e}')} "
+                   f"| {_maybe(r, 'risk_change_at_best', '{:+.2%}')} | {r['time_s']:.0f} |")
     return out
 
 
 def run_toys() -> list[dict]:
     rows = []
-    for family, sampler, kind in TOY_RUNS:
+    for family, sampler, kind, options in TOY_RUNS:
         weights = ([round(-2 + 0.2 * i, 1) for i in range(21)] if family == "toy_diffusion"
                    else [round(-1 + 0.05 * i, 2) for i in range(41)])
         t0 = time.monotonic()
-        r = toy_check.run(family, sampler, weights, seed=0)
-        rows.append({"family": family, "sampler": sampler, "kind": kind, "best_w": r["best_w"], "base_fid": r["base_fid"],
-                     "best_fid": r["best_fid"], "alignment": r["alignment"], "fids": r["fids"],
+        r = toy_check.run(family, sampler, weights, seed=0, options=options)
+        rows.append({"family": family, "options": options, "sampler": sampler, "kind": kind, "best_w": r["best_w"], "base_fid": r["base_fid"],
+                     "best_fid": r["best_fid"], "alignment": r["alignment"], "risk_slope": r["risk_slope"],
+                     "risk_change_at_best": r["risk_change_at_best"], "fids": r["fids"],
                      "time_s": time.monotonic() - t0})
         print(toy_table(rows)[-1], flush=True)
     return rows

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
@@ -30,10 +30,24 @@ def cosine_abar(steps: int, s: float = 0.008) -> torch.Tensor:
     return f / f[0]
 
 
+TimeInput = Literal["notebook", "consistent"]
+
+
+def time_input(mode: str, step: int | torch.Tensor, steps: int):
+    """The network's time input at `step` of a `steps`-step cosine schedule (noise level f(step/steps)).
+
+    notebook (the paper's): step/(steps-1), so one input means f(u (T-1)/T) in training but f(u (k-1)/k)
+    in a k-step sampler: the sampler tells the network more noise than there is. consistent: step/steps,
+    noise f(u) in both.
+    """
+    return step / (steps - 1) if mode == "notebook" else step / steps
+
+
 class ToyDiffusionConfig(Options):
     timesteps: Annotated[int, Field(ge=2)] = 1000  # T of the training schedule
     width: Annotated[int, Field(gt=0)] = 32  # hidden width of the MLP
     depth: Annotated[int, Field(ge=1)] = 4  # hidden Linear+ReLU layers
+    time_input: TimeInput = "notebook"  # the MLP's time input u: notebook = the paper's (t/(T-1), i/(k-1)); consistent = noise f(u) in training and sampling (t/T, i/k)
 
 
 class ToyDiffusionSettings(Options):
@@ -43,10 +57,11 @@ class ToyDiffusionSettings(Options):
 
 
 class EpsilonMLP(nn.Module):
-    """[x, t/(T-1)] -> Linear -> depth x (Linear + ReLU) -> Linear -> predicted noise."""
+    """[x, u] -> Linear -> depth x (Linear + ReLU) -> Linear -> predicted noise; u from `time_input`."""
 
-    def __init__(self, dim: int, width: int, depth: int):
+    def __init__(self, dim: int, width: int, depth: int, time_input: TimeInput = "notebook"):
         super().__init__()
+        self.time_input = time_input  # on the network, so its loss and its sampler read one convention
         layers: list[nn.Module] = [nn.Linear(dim + 1, width)]
         for _ in range(depth):
             layers += [nn.Linear(width, width), nn.ReLU()]
@@ -66,7 +81,7 @@ class EpsilonLoss:
         eps = torch.randn(x0.shape, generator=generator, device=x0.device)
         a = abar[t].reshape(-1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        return ((model(x_t, t / (self.timesteps - 1)) - eps) ** 2).mean()
+        return ((model(x_t, time_input(model.time_input, t, self.timesteps)) - eps) ** 2).mean()
 
 
 @torch.no_grad()
@@ -78,7 +93,7 @@ def toy_diffusion_sample(model: nn.Module, latents: torch.Tensor, settings: ToyD
     x = latents.to(torch.float64)
     x0 = x
     for i in reversed(range(k)):
-        eps = model(x, torch.full((x.shape[0],), i / (k - 1))).to(torch.float64)
+        eps = model(x, torch.full((x.shape[0],), time_input(model.time_input, i, k))).to(torch.float64)
         a, a_prev = abar[i], (abar[i - 1] if i else torch.tensor(1.0, dtype=torch.float64))
         x0 = (x - (1 - a).sqrt() * settings.zeta * eps) / a.sqrt()
         sigma = settings.eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).clamp(min=0).sqrt()
@@ -127,7 +142,8 @@ def toy_ar_sample(model: TwoFactorGaussian, latents: torch.Tensor, settings: Toy
 
 
 def _build_diffusion(config: dict) -> EpsilonMLP:
-    return EpsilonMLP(config["image_shape"][0], config["width"], config["depth"])
+    # checkpoints saved before the option existed were trained the notebook's way
+    return EpsilonMLP(config["image_shape"][0], config["width"], config["depth"], config.get("time_input", "notebook"))
 
 
 FAMILY_DIFFUSION = register(Family(

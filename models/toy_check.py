@@ -1,5 +1,6 @@
 """The paper's toy check (NEON.md) run end to end in memory: base, synthetic set, self-training,
-the w sweep with closed-form FID, and the measured gradient alignment that predicts the sign of w.
+the w sweep with closed-form FID, the measured gradient alignment that predicts the sign of w, and
+the real risk along the merge that the alignment stands for.
 
 Used by the fast tests and by bench/reproduce.py; the same families run through the full pipeline
 with `data.source: toy2d`.
@@ -8,23 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from models import family as families
 from models.merge import merge
 from models.metrics import fid
+from models.toy_target import TOY_COV, TOY_MEAN, toy_points
 from models.training import fit
 
-TOY_MEAN = np.zeros(2)
-TOY_COV = np.array([[2.0, 1.0], [1.0, 2.0]])  # the target N(0, [[2, 1], [1, 2]])
 POPULATION_N = 100_000  # fresh real (and synthetic) points for the population gradients
-
-
-def toy_points(n: int, seed: int) -> torch.Tensor:
-    """n real points from the toy target (float32 (n, 2))."""
-    rng = np.random.default_rng(seed)
-    return torch.from_numpy(rng.multivariate_normal(TOY_MEAN, TOY_COV, size=n).astype(np.float32))
 
 
 @dataclass(frozen=True)
@@ -59,11 +52,14 @@ def closed_form_fid(points: torch.Tensor) -> float:
     return fid(points.double().numpy(), TOY_MEAN, TOY_COV)
 
 
-def run(family: str, sampler: dict, weights: list[float], seed: int = 0, recipe: ToyRecipe | None = None) -> dict:
-    """Base -> S (with `sampler`) -> theta_s -> closed-form FID at every w (evaluated with the recipe's sampler)."""
+def run(family: str, sampler: dict, weights: list[float], seed: int = 0, recipe: ToyRecipe | None = None,
+        options: dict | None = None) -> dict:
+    """Base -> S (with `sampler`) -> theta_s -> closed-form FID at every w (evaluated with the recipe's sampler).
+
+    `options`: the family's Config options that differ from its defaults (e.g. {"time_input": "consistent"})."""
     r = recipe or RECIPES[family]
     fam = families.get(family)
-    config = {**fam.Config().model_dump(), "image_shape": [2], "label_dim": 0}
+    config = {**fam.Config(**(options or {})).model_dump(), "image_shape": [2], "label_dim": 0}
     real = toy_points(r.real_n, seed)
     torch.manual_seed(seed)
     base = fam.build(config)
@@ -82,10 +78,35 @@ def run(family: str, sampler: dict, weights: list[float], seed: int = 0, recipe:
         model.load_state_dict(merge(base_state, tuned_state, w))
         fids[w] = closed_form_fid(draw(model, fam, eval_settings, r.eval_n, seed + 3))
     best = min(fids, key=fids.get)
+    population = toy_points(POPULATION_N, seed + 4)
+    risk = real_risk(model, loss, population, base_state, tuned_state, [-RISK_STEP, RISK_STEP, 0.0, best], seed + 7)
     model.load_state_dict(base_state)
     return {"fids": fids, "best_w": best, "base_fid": fids.get(0.0), "best_fid": fids[best],
-            "alignment": alignment(model, loss, toy_points(POPULATION_N, seed + 4),
-                                   draw(model, fam, fam.Settings(**sampler), POPULATION_N, seed + 5), seed + 6)}
+            "alignment": alignment(model, loss, population,
+                                   draw(model, fam, fam.Settings(**sampler), POPULATION_N, seed + 5), seed + 6),
+            "risk_slope": (risk[RISK_STEP] - risk[-RISK_STEP]) / (2 * RISK_STEP),
+            "risk_change_at_best": risk[best] / risk[0.0] - 1}
+
+
+RISK_STEP = 0.1  # w step of the central difference for the real risk's slope
+
+
+@torch.no_grad()
+def real_risk(model, loss, population: torch.Tensor, base_state: dict, tuned_state: dict, weights: list[float],
+              seed: int, batch: int = 2048, draws: int = 4) -> dict:
+    """The real-data training loss of the merged model at each w, the same (t, noise) draws at every w.
+
+    The direct measure of what `alignment` predicts: the theory says Neon lowers this risk, at first
+    order by w * lr * <g_real, P g_s>; shared draws leave only the change with w, not the loss's own noise.
+    """
+    out = {}
+    for w in weights:
+        model.load_state_dict(merge(base_state, tuned_state, w))
+        gen = torch.Generator().manual_seed(seed)
+        total = sum(float(loss(model, population[i:i + batch], None, gen)) * len(population[i:i + batch])
+                    for _ in range(draws) for i in range(0, len(population), batch))
+        out[w] = total / (draws * len(population))
+    return out
 
 
 def _gradients(model, loss, points: torch.Tensor, gen: torch.Generator, batch: int, draws: int):
