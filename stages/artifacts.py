@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -20,8 +21,28 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
+from models.errors import InputError
+
 MANIFEST = "manifest.json"
+
+
+class ArtifactError(InputError, ValueError):
+    """An artifact whose files do not match its manifest (changed, corrupted or incomplete)."""
+
+
+class MissingArtifactError(ArtifactError, FileNotFoundError):
+    """An artifact (or its manifest) that is not there: its stage has not run or did not finish."""
+
+
 TRACKED_PACKAGES = ("torch", "numpy", "safetensors", "prefect", "dvc", "s3fs", "pydantic", "clean-fid", "mlxtend")
+# Environment variables that change which kernels run or how work is split, hence the float results:
+# these names, and every name with these prefixes (thread counts, ISA caps, OPENBLAS_CORETYPE, MKL_CBWR, ...).
+NUMERICS_ENV = ("ATEN_CPU_CAPABILITY", "CUBLAS_WORKSPACE_CONFIG", "CUDA_VISIBLE_DEVICES", "NVIDIA_TF32_OVERRIDE",
+                "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "NEON_DEVICE")
+NUMERICS_ENV_PREFIXES = ("OMP_", "KMP_", "GOMP_", "MKL_", "OPENBLAS_", "GOTO", "ONEDNN_", "DNNL_")
+# CPU features that oneDNN, MKL and OpenBLAS dispatch on (their kernels, hence the rounding, follow them).
+CPU_FLAGS = ("sse4_2", "avx", "fma", "avx2", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+             "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -83,10 +104,75 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def cpu_info() -> dict[str, Any]:
+    """The CPU as the kernel libraries see it: vendor, family/model/stepping, model name, dispatch-relevant flags."""
+    info: dict[str, Any] = {"machine": platform.machine(), "model_name": platform.processor() or None}
+    with contextlib.suppress(OSError):
+        block = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+        fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in block.splitlines())}
+        flags = set(fields.get("flags", "").split())
+        info.update(model_name=fields.get("model name") or info["model_name"], vendor=fields.get("vendor_id"),
+                    family=fields.get("cpu family"), model=fields.get("model"), stepping=fields.get("stepping"),
+                    flags=[f for f in CPU_FLAGS if f in flags])
+    return info
+
+
+def _blas_libraries() -> list[dict[str, Any]]:
+    """The BLAS/OpenMP libraries loaded in this process, with the kernel family they picked for this CPU."""
+    try:
+        from threadpoolctl import threadpool_info
+
+        libs = [{"api": i.get("internal_api"), "version": i.get("version"), "architecture": i.get("architecture"),
+                 "threads": i.get("num_threads")} for i in threadpool_info()]
+    except Exception as exc:  # noqa: BLE001 (a diagnostic: never the reason a stage fails)
+        return [{"error": type(exc).__name__}]
+    return sorted(libs, key=lambda d: json.dumps(d, sort_keys=True))
+
+
+def numerics(device: str = "cpu") -> dict[str, Any]:
+    """What bit-identity of float results depends on, beyond code, params and inputs.
+
+    Two runs whose `numerics` are equal (fingerprint included) and whose code, params, inputs and
+    packages are equal give byte-identical outputs; any field that differs can change the last bits of
+    training and feature extraction, and training amplifies those bits (see README, reproducibility).
+    """
+    import torch
+
+    config = torch.__config__.show()
+
+    def version(pattern: str) -> str | None:
+        m = re.search(pattern, config)
+        return m.group(1) if m else None
+
+    out: dict[str, Any] = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": cpu_info(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # ATen's vector kernels (ATEN_CPU_CAPABILITY)
+        "onednn": {"enabled": bool(torch.backends.mkldnn.enabled), "version": version(r"MKL-DNN v(\S+)")},
+        "blas": {"torch": version(r"BLAS_INFO=(\w+)"), "mkl": version(r"Math Kernel Library Version (\S+)"),
+                 "loaded": _blas_libraries()},
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "env": {k: v for k, v in sorted(os.environ.items())
+                if k in NUMERICS_ENV or k.startswith(NUMERICS_ENV_PREFIXES)},
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        i = torch.cuda.current_device()
+        out["cuda"] = {"device": torch.cuda.get_device_name(i),
+                       "capability": ".".join(map(str, torch.cuda.get_device_capability(i))),
+                       "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+                       "cudnn_deterministic": torch.backends.cudnn.deterministic,
+                       "cudnn_benchmark": torch.backends.cudnn.benchmark,
+                       "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+                       "tf32_cudnn": torch.backends.cudnn.allow_tf32}
+    out["fingerprint"] = sha256_bytes(json.dumps(out, sort_keys=True).encode())[:16]
+    return out
+
+
 def read_manifest(artifact_dir: Path | str) -> dict[str, Any]:
     path = Path(artifact_dir) / MANIFEST
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: {artifact_dir} is not a complete artifact; rerun its stage")
+        raise MissingArtifactError(f"{path} is missing: {artifact_dir} is not a complete artifact; rerun its stage")
     return json.loads(path.read_text())
 
 
@@ -106,7 +192,7 @@ class ArtifactWriter:
         self.dir = Path(tempfile.mkdtemp(prefix=f".{self.final_dir.name}.", dir=self.final_dir.parent))
         self.manifest: dict[str, Any] = {
             "artifact": self.final_dir.as_posix(), "stage": stage, "params": params, "inputs": inputs,
-            "code": code_version(), "packages": package_versions(), "device": device,
+            "code": code_version(), "packages": package_versions(), "device": device, "numerics": numerics(device),
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         self._t0 = time.monotonic()
@@ -157,9 +243,9 @@ def verify(artifact_dir: Path | str) -> dict[str, Any]:
     for name, digest in manifest["files"].items():
         path = artifact_dir / name
         if not path.exists():
-            raise ValueError(f"{path} is listed in {artifact_dir / MANIFEST} but missing; rerun stage {manifest['stage']}")
+            raise MissingArtifactError(f"{path} is listed in {artifact_dir / MANIFEST} but missing; rerun stage {manifest['stage']}")
         actual = sha256_file(path)
         if actual != digest:
-            raise ValueError(f"{path} has sha256 {actual[:16]}..., its manifest says {digest[:16]}...: "
+            raise ArtifactError(f"{path} has sha256 {actual[:16]}..., its manifest says {digest[:16]}...: "
                              f"the file was changed or corrupted; rerun stage {manifest['stage']}")
     return manifest

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from models.errors import InputError
+from stages.artifacts import cpu_info
 
 ARTIFACTS = Path("artifacts")
 WORK = Path(".neon/work")  # resumable partial work (e.g. sample shards); never a DVC output
@@ -29,9 +30,12 @@ def device() -> torch.device:
 
 
 def device_name(dev: torch.device) -> str:
+    """The device as a reader needs it to tell why two runs' bytes differ: the CPU model, ATen's
+    vector capability and the thread count, or the GPU model (the full record is the manifest's `numerics`)."""
     if dev.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(dev)})"
-    return f"cpu ({torch.get_num_threads()} threads)"
+    model = cpu_info().get("model_name") or "unknown CPU"
+    return f"cpu ({model}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)"
 
 
 def log(msg: str) -> None:
