@@ -2,7 +2,8 @@
 
   neon store up|down|status|ls    the embedded SeaweedFS object store (127.0.0.1 only)
   neon prefect up|down|status     a local Prefect API server that the stages' flows then use
-  neon lineage PATH_OR_S3_URI     the chain of artifacts, code and params behind an artifact
+  neon lineage PATH_OR_S3_URI     the chain of artifacts, code and params behind an artifact;
+                                  one object version: s3://BUCKET/KEY?versionId=V or --version-id V
   neon schedule apply|serve       the cron deployment of the whole pipeline
 """
 from __future__ import annotations
@@ -83,7 +84,7 @@ def cmd_prefect(args) -> int:
 
 
 def cmd_lineage(args) -> int:
-    print(lineage.render(args.target))
+    print(lineage.render(args.target, args.version_id))
     return 0
 
 
@@ -110,8 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("prefect", help="a local Prefect API server for the flows")
     p.add_argument("action", choices=["up", "down", "status"])
     p.set_defaults(fn=cmd_prefect)
-    p = sub.add_parser("lineage", help="print the lineage of an artifact (path or s3:// URI)")
-    p.add_argument("target")
+    p = sub.add_parser("lineage", help="print the lineage of an artifact (path or s3:// URI)",
+                       description="Walk an artifact's manifests back to the data and the base checkpoint. In S3 "
+                       "each input is the manifest version whose digest its consumer recorded, and the version id of "
+                       "every manifest used is printed.")
+    p.add_argument("target", help="an artifact folder, a file in one, or its manifest.json: a local path, or "
+                   "s3://BUCKET/KEY (latest version) or s3://BUCKET/KEY?versionId=V (that version)")
+    p.add_argument("--version-id", default=None, help="the S3 version of TARGET (same as ?versionId=V)")
     p.set_defaults(fn=cmd_lineage)
     p = sub.add_parser("schedule", help="the scheduled deployment of the pipeline")
     p.add_argument("action", choices=["apply", "serve"])

@@ -74,8 +74,10 @@ def _download(source: str, dest: Path) -> dict:
         fs = store.filesystem()
         key = source[len("s3://"):]
         try:
-            info = fs.info(key)
-            fs.get(key, str(dest))
+            # By the version just read: the latest could be replaced between the two calls, and then the
+            # recorded version id would not name the bytes whose sha256 is verified.
+            version = fs.info(key, refresh=True).get("VersionId")
+            fs.get_file(key, str(dest), version_id=version)
         except FileNotFoundError:
             raise StageError(f"base.checkpoint {source} does not exist (no such object); check the bucket, "
                              "the key and AWS_ENDPOINT_URL_S3") from None
@@ -85,7 +87,7 @@ def _download(source: str, dest: Path) -> dict:
         except (BotoCoreError, ClientError) as exc:
             raise StageError(f"base.checkpoint {source}: cannot read it from S3 ({type(exc).__name__}: {exc}); "
                              "set AWS_ENDPOINT_URL_S3 and the AWS_* credentials, or run `neon store up`") from None
-        return {"version_id": info.get("VersionId")}
+        return {"version_id": version}
     path = Path(source)
     if not path.is_file():
         raise StageError(f"base.checkpoint {source} does not exist or is not a file; give an existing path or s3:// URI")
