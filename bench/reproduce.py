@@ -118,6 +118,8 @@ def fmt_space(ev: dict, space: str) -> tuple[str, str, str]:
         lo, hi = s["gain"]["interval"]
         gain = f"{100 * s['relative_gain']:+.1f}% ({s['gain']['verdict']}; 95% paired CI [{lo:.2f}, {hi:.2f}])"
     pr = f"{b['precision']:.2f}/{b['recall']:.2f} → {n['precision']:.2f}/{n['recall']:.2f}"
+    if "interval" not in s["gain"]:  # their precision/recall compared against one digit class
+        pr = "not rerun (one-class P/R)"
     return fid, gain, pr
 
 

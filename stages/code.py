@@ -18,6 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("models", "stages", "flows")
+ENTRY = "flows.__main__"  # `python -m flows STAGE`, the command of every dvc.yaml stage
 
 
 def _module_file(name: str, root: Path) -> Path | None:
@@ -86,3 +87,10 @@ def digest(module: str, root: Path | None = None) -> str:
     for rel in closure(module, root):
         h.update(rel.encode() + b"\0" + (root / rel).read_bytes() + b"\0")
     return h.hexdigest()
+
+
+def stage_code(stage: str, root: Path | None = None) -> tuple[str, ...]:
+    """The files `python -m flows STAGE` runs: the entry point's own modules in flows/ (it imports every
+    stage module, but runs only this one) and the stage module's closure."""
+    entry = [f for f in closure(ENTRY, root) if f.startswith("flows/")]
+    return tuple(sorted({*entry, *closure(f"stages.{stage}", root)}))
