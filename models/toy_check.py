@@ -103,8 +103,9 @@ def real_risk(model, loss, population: torch.Tensor, base_state: dict, tuned_sta
     for w in weights:
         model.load_state_dict(merge(base_state, tuned_state, w))
         gen = torch.Generator().manual_seed(seed)
-        total = sum(float(loss(model, population[i:i + batch], None, gen)) * len(population[i:i + batch])
-                    for _ in range(draws) for i in range(0, len(population), batch))
+        with torch.no_grad():
+            total = sum(float(loss(model, population[i:i + batch], None, gen)) * len(population[i:i + batch])
+                        for _ in range(draws) for i in range(0, len(population), batch))
         out[w] = total / (draws * len(population))
     return out
 

@@ -156,20 +156,20 @@ def test_lineage_of_the_first_of_two_pushed_runs_by_version_id(reproduced, fs):
     root, env, _ = reproduced
     run(["dvc", "push"], root, env)  # earlier tests may have restored a dvc.lock without the version ids
     first = _locked_versions(root)
-    first_synthetic = json.loads((root / "artifacts/synthetic/manifest.json").read_text())["digest"]
+    first_selftrained = json.loads((root / "artifacts/selftrained/manifest.json").read_text())["digest"]
     uri = f"{MERGED_W1}?versionId={first['artifacts/merged/w=1.safetensors']}"
     try:
         with restored(root, env):
-            set_params(root, **{"sample.seed": 1})  # a new synthetic set, so new selftrained and merged weights
+            set_params(root, **{"finetune.seed": 2})  # new self-trained and merged weights (sample is reused)
             run(["dvc", "repro", "merge"], root, env)
             run(["dvc", "push"], root, env)
-            second_synthetic = json.loads((root / "artifacts/synthetic/manifest.json").read_text())["digest"]
+            second_selftrained = json.loads((root / "artifacts/selftrained/manifest.json").read_text())["digest"]
             second = _locked_versions(root)["artifacts/merged/w=1.safetensors"]
-        assert second_synthetic != first_synthetic and second != first["artifacts/merged/w=1.safetensors"]
+        assert second_selftrained != first_selftrained and second != first["artifacts/merged/w=1.safetensors"]
 
         older = run(["neon", "lineage", uri], root, env).stdout
-        assert first_synthetic[:16] in older and second_synthetic[:16] not in older
+        assert first_selftrained[:16] in older and second_selftrained[:16] not in older
         latest = run(["neon", "lineage", MERGED_W1], root, env).stdout
-        assert second_synthetic[:16] in latest and first_synthetic[:16] not in latest
+        assert second_selftrained[:16] in latest and first_selftrained[:16] not in latest
     finally:
         _make_latest(fs, first)
