@@ -7,6 +7,7 @@ killed stage never leaves an output that a rerun (or DVC) would trust.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -62,9 +63,27 @@ def directory_digest(files: dict[str, str]) -> str:
     return sha256_bytes("".join(f"{name}\0{digest}\n" for name, digest in sorted(files.items())).encode())
 
 
+def fsync_dir(path: Path | str) -> None:
+    """Make a rename or unlink inside `path` durable (a file's own fsync does not cover its directory entry)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path | str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_file(path: Path | str) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; it replaces `path` only if the block succeeds."""
+    """Yield a temporary path next to `path`; it replaces `path` only if the block succeeds, and only
+    after its bytes are on disk, so a power cut never leaves a renamed but empty or torn file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -72,9 +91,65 @@ def atomic_file(path: Path | str) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; artifacts are meant to be read by others
+        fsync_file(tmp)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+SEAL_SUFFIX = ".sha256"
+
+
+def seal(path: Path | str) -> str:
+    """Record `path`'s digest beside it (`<name>.sha256`), written after the file itself: a file is
+    trusted later only when the two agree (see `sealed`)."""
+    digest = sha256_file(path)
+    with atomic_file(f"{path}{SEAL_SUFFIX}") as tmp:
+        tmp.write_text(digest + "\n")
+    return digest
+
+
+def recorded_digest(path: Path | str) -> str | None:
+    seal_path = Path(f"{path}{SEAL_SUFFIX}")
+    return seal_path.read_text().strip() if seal_path.exists() else None
+
+
+def sealed(path: Path | str) -> bool | None:
+    """True: `path` matches its recorded digest. None: unsealed (never finished; redo it). False: the
+    bytes changed after they were sealed (corruption the caller must not use)."""
+    recorded = recorded_digest(path)
+    if recorded is None or not Path(path).exists():
+        return None
+    return sha256_file(path) == recorded
+
+
+def unseal(path: Path | str) -> None:
+    Path(f"{path}{SEAL_SUFFIX}").unlink(missing_ok=True)
+    Path(path).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def work_folder(path: Path | str) -> Iterator[Path]:
+    """Resumable partial work (shards, training snapshots) that several runs of one stage may share.
+
+    Each run holds a shared lock on the folder while it works; after a successful run the folder is
+    removed only if no other run holds it, so one run never deletes files another is still using.
+    A failed or killed run leaves it for the rerun to resume from.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield path
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return  # another run is using it; the last one out removes it
+        shutil.rmtree(path, ignore_errors=True)
+    finally:
+        os.close(fd)
 
 
 def write_json(path: Path | str, obj: Any) -> None:
@@ -169,27 +244,80 @@ def numerics(device: str = "cpu") -> dict[str, Any]:
     return out
 
 
+def _manifest_digest(manifest: dict[str, Any]) -> str:
+    body = {k: v for k, v in manifest.items() if k != "manifest_digest"}
+    return sha256_bytes(json.dumps(body, sort_keys=True).encode())
+
+
+def _restore_hint(artifact_dir: Path) -> str:
+    return f"restore it with `dvc checkout {artifact_dir.as_posix()}` or recompute it with `dvc repro`"
+
+
 def read_manifest(artifact_dir: Path | str) -> dict[str, Any]:
-    path = Path(artifact_dir) / MANIFEST
+    """An artifact's manifest, refused if it is not the manifest its stage wrote (its own digest)."""
+    artifact_dir = Path(artifact_dir)
+    path = artifact_dir / MANIFEST
     if not path.exists():
         raise MissingArtifactError(f"{path} is missing: {artifact_dir} is not a complete artifact; rerun its stage")
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_bytes())
+        ok = isinstance(manifest, dict) and manifest.get("manifest_digest", _manifest_digest(manifest)) == _manifest_digest(manifest)
+    except (ValueError, AttributeError):
+        ok = False
+    if not ok:
+        raise ArtifactError(f"{path} is corrupted (it does not match its own digest); {_restore_hint(artifact_dir)}")
+    return manifest
 
 
 def input_ref(artifact_dir: Path | str) -> dict[str, str]:
-    """How a manifest names an input: its path (relative to the project) and its digest."""
-    return {"path": Path(artifact_dir).as_posix(), "digest": read_manifest(artifact_dir)["digest"]}
+    """How a manifest names an input: its path (relative to the project) and its digest. Every file of
+    the input is checked against its manifest first, so no stage runs on corrupted bytes."""
+    return {"path": Path(artifact_dir).as_posix(), "digest": verify(artifact_dir)["digest"]}
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path, flags: int = fcntl.LOCK_EX) -> Iterator[int]:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, flags)
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _abandoned(folder: Path) -> bool:
+    """A staging folder whose writer is gone (killed or crashed): nobody holds its lock."""
+    try:
+        with _folder_lock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB):
+            return True
+    except BlockingIOError:
+        return False
+    except FileNotFoundError:
+        return False
 
 
 class ArtifactWriter:
-    """Collects a stage's output files in a staging directory, then publishes it with its manifest."""
+    """Collects a stage's output files in a staging directory, then publishes it with its manifest.
+
+    Several runs of one stage may write the same artifact at once (two `python -m flows` outside
+    DVC's lock): each stages into its own folder, locked while it lives, and only folders whose
+    writer is gone are removed. Publishing swaps folders under a lock on the parent folder, so the
+    result is one run's complete output, never a mix.
+    """
 
     def __init__(self, final_dir: Path, stage: str, params: dict[str, Any], inputs: dict[str, dict[str, Any]],
                  device: str):
         self.final_dir = Path(final_dir)
-        for stale in self.final_dir.parent.glob(f".{self.final_dir.name}.*"):  # left by a killed run
-            shutil.rmtree(stale, ignore_errors=True)
-        self.dir = Path(tempfile.mkdtemp(prefix=f".{self.final_dir.name}.", dir=self.final_dir.parent))
+        parent, name = self.final_dir.parent, self.final_dir.name
+        with _folder_lock(parent):
+            for left in parent.glob(f".{name}.old-*"):  # only ever present inside a publish, which holds this lock
+                shutil.rmtree(left, ignore_errors=True)
+            for left in parent.glob(f".{name}.staging-*"):
+                if _abandoned(left):
+                    shutil.rmtree(left, ignore_errors=True)
+            self.dir = Path(tempfile.mkdtemp(prefix=f".{name}.staging-", dir=parent))
+            self._fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
         self.manifest: dict[str, Any] = {
             "artifact": self.final_dir.as_posix(), "stage": stage, "params": params, "inputs": inputs,
             "code": code_version(), "packages": package_versions(), "device": device, "numerics": numerics(device),
@@ -204,23 +332,34 @@ class ArtifactWriter:
         return p
 
     def publish(self) -> dict[str, Any]:
-        files = {p.relative_to(self.dir).as_posix(): sha256_file(p)
-                 for p in sorted(self.dir.rglob("*")) if p.is_file() and p.name != MANIFEST}
+        paths = [p for p in sorted(self.dir.rglob("*")) if p.is_file() and p.name != MANIFEST]
+        for p in paths:  # stage code writes through out.path(): flush those bytes before they become the artifact
+            fsync_file(p)
+        files = {p.relative_to(self.dir).as_posix(): sha256_file(p) for p in paths}
         self.manifest.update(files=files, digest=directory_digest(files), **self.extra,
                              finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                              seconds=round(time.monotonic() - self._t0, 3))
+        self.manifest["manifest_digest"] = _manifest_digest(self.manifest)
         write_json(self.dir / MANIFEST, self.manifest)
+        for d in {p.parent for p in paths} | {self.dir}:
+            fsync_dir(d)
         os.chmod(self.dir, 0o755)  # mkdtemp creates 0700
-        old = self.final_dir.with_name(f".{self.final_dir.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if self.final_dir.exists():
-            os.replace(self.final_dir, old)
-        os.replace(self.dir, self.final_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        parent = self.final_dir.parent
+        with _folder_lock(parent):
+            old = Path(tempfile.mkdtemp(prefix=f".{self.final_dir.name}.old-", dir=parent))
+            if self.final_dir.exists():
+                os.replace(self.final_dir, old / "previous")
+            os.replace(self.dir, self.final_dir)
+            fsync_dir(parent)
+            shutil.rmtree(old, ignore_errors=True)
         return self.manifest
 
     def discard(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if self.dir.exists():
+            shutil.rmtree(self.dir, ignore_errors=True)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 @contextlib.contextmanager
@@ -247,5 +386,5 @@ def verify(artifact_dir: Path | str) -> dict[str, Any]:
         actual = sha256_file(path)
         if actual != digest:
             raise ArtifactError(f"{path} has sha256 {actual[:16]}..., its manifest says {digest[:16]}...: "
-                             f"the file was changed or corrupted; rerun stage {manifest['stage']}")
+                                f"the file was changed or corrupted; {_restore_hint(artifact_dir)}")
     return manifest

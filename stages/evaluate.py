@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 
@@ -23,7 +24,7 @@ from models import checkpoint, metrics
 from models.merge import merge
 from models.sampling import class_labels, generate
 from stages import code, report
-from stages.artifacts import artifact, atomic_file, input_ref, read_manifest, sha256_bytes, verify
+from stages.artifacts import ArtifactError, artifact, atomic_file, input_ref, read_manifest, seal, sealed, sha256_bytes
 from stages.common import (BASE, DATA, EVALUATE, MERGED, MODEL_FILE, REFERENCE, RESULTS, SELFTRAINED, SYNTHETIC,
                            WORK, StageError,
                            device, device_name, load_images, log, progress, save_images)
@@ -51,9 +52,18 @@ def _check(p: EvaluateParams, spaces: dict) -> None:
                          "(or evaluate.inception_n: 0)")
 
 
+def cached(path: Path) -> bool:
+    """A cached measurement to reuse: sealed and intact. One that never finished is redone; one whose
+    bytes changed after it was written is refused, so no report is built on it."""
+    state = sealed(path)
+    if state is False:
+        raise ArtifactError(f"cached evaluation result {path} does not match the digest recorded when it was "
+                            f"written (corrupted); delete it (rm {path}*) and rerun evaluate to recompute it")
+    return bool(state)
+
+
 def run(p: EvaluateParams, sample_p: SampleParams, model_p: ModelParams, step=None) -> dict:
     step = step or (lambda name, fn, *args: fn(*args))
-    verify(MERGED)
     inputs = {"base": input_ref(BASE), "selftrained": input_ref(SELFTRAINED), "merged": input_ref(MERGED),
               "reference": input_ref(REFERENCE)}
     spaces = load_spaces()
@@ -87,7 +97,7 @@ def run(p: EvaluateParams, sample_p: SampleParams, model_p: ModelParams, step=No
         key = sha256_bytes(json.dumps([identity, seed_run, n_by_space, bootstrap, guidance, settings_key]).encode())[:24]
         hit = CACHE / f"{key}.json"
         label = f"w = {w:g}" + (f", guidance {guidance:g}" if guided else "")
-        if hit.exists():
+        if cached(hit) and cached(hit.with_suffix(".npz")):
             log(f"[evaluate] {label}, seed run {seed_run}: cached")
             return json.loads(hit.read_text())
         template.load_state_dict(state_for(w))
@@ -107,8 +117,10 @@ def run(p: EvaluateParams, sample_p: SampleParams, model_p: ModelParams, step=No
                 result[name]["fid_interval"] = metrics.fid_bootstrap(feats, space.mu, space.sigma, bootstrap)
         with atomic_file(CACHE / f"{key}.npz") as tmp:
             save_images(tmp, images[: p.grid * p.grid if images.dim() == 4 else len(images)].numpy())
+        seal(CACHE / f"{key}.npz")
         with atomic_file(hit) as tmp:
             tmp.write_text(json.dumps(result))
+        seal(hit)
         log(f"[evaluate] {label}, seed run {seed_run}: " +
             ", ".join(f"{s} FID {result[s]['fid']:.3f}" for s in n_by_space))
         return result

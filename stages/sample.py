@@ -3,9 +3,9 @@
 Sample i uses seed + i and network batches start at multiples of `batch_size` (shards are whole
 batches), so the set is bit-identical for any shard size or number of workers. (A different
 `batch_size` changes float rounding inside the network: images then agree within one grey level,
-so batch_size is part of the params that key the set.) Shards are
-written atomically into a work folder keyed by (base digest, params, code digest); a rerun after a
-kill keeps the complete ones. The artifact is published only when every shard is there.
+so batch_size is part of the params that key the set.) Shards are written atomically and sealed with
+their digest into a work folder keyed by (base digest, params, code digest); a rerun after a kill keeps
+the intact ones and draws the rest. The artifact is published only when every shard is there.
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ import numpy as np
 
 from models.sampling import class_labels, generate
 from stages import code
-from stages.artifacts import artifact, atomic_file, input_ref, sha256_bytes
+from stages.artifacts import (ArtifactError, artifact, atomic_file, input_ref, recorded_digest, seal, sealed, sha256_bytes,
+                              sha256_file, unseal, work_folder)
 from stages.common import BASE, MODEL_FILE, SYNTHETIC, WORK, device, device_name, load_images, log, progress, save_images
 from stages.model_config import load
 from stages.params import ModelParams, SampleParams, sampler_settings
@@ -38,12 +39,14 @@ def work_dir(base_digest: str, params: dict) -> Path:
     return WORK / "sample" / key[:20]
 
 
-def _complete(path: Path, count: int) -> bool:
-    try:
-        images, _ = load_images(path)
-        return len(images) == count
-    except (OSError, ValueError, KeyError):
-        return False
+def _complete(path: Path) -> bool:
+    """A shard a rerun may keep: sealed with the digest recorded when it was written. A shard whose
+    bytes no longer match is drawn again (a killed run's unsealed file likewise)."""
+    state = sealed(path)
+    if state is False:
+        log(f"[sample] {path} does not match its recorded digest (corrupted): drawing it again")
+        unseal(path)
+    return bool(state)
 
 
 def run(p: SampleParams, model_p: ModelParams, step=None) -> dict:
@@ -52,35 +55,36 @@ def run(p: SampleParams, model_p: ModelParams, step=None) -> dict:
     base = input_ref(BASE)
     dev = device()
     params = {**p.model_dump(exclude={"sampler"}), "sampler": {model_p.family: sampler_settings(p, model_p).model_dump()}}
-    with artifact(SYNTHETIC, "sample", params, inputs={"base": base}, device=device_name(dev)) as out:
+    with (work_folder(work_dir(base["digest"], params)) as work,  # removed only after the artifact is published
+          artifact(SYNTHETIC, "sample", params, inputs={"base": base}, device=device_name(dev)) as out):
         model, fam, config = load(BASE / MODEL_FILE, model_p)
         model = model.to(dev)
         settings = sampler_settings(p, model_p)
         shape = tuple(config["image_shape"])
-        work = work_dir(base["digest"], params)
-        work.mkdir(parents=True, exist_ok=True)
         ranges = shard_ranges(p.n, p.shard_size)
-        done = sum(_complete(work / shard_name(a, b), b - a) for a, b in ranges)
+        done = sum(_complete(work / shard_name(a, b)) for a, b in ranges)
         log(f"[sample] {p.n} images in {len(ranges)} shards ({done} already complete in {work}) on {device_name(dev)}, "
             f"{model_p.family} sampler {settings.model_dump()}")
         report = progress("sample")
 
         def write_shard(start: int, stop: int) -> str:
             path = work / shard_name(start, stop)
-            if not _complete(path, stop - start):
+            if not _complete(path):
                 labels = class_labels(range(start, stop), model_p.label_dim)
                 images = generate(model, fam, settings, shape, list(range(p.seed + start, p.seed + stop)),
                                   p.batch_size, labels=labels, device=dev)
                 with atomic_file(path) as tmp:
                     save_images(tmp, images.numpy(), None if labels is None else labels.numpy())
+                seal(path)
             report(stop, p.n)
             return path.name
 
         names = [step(f"shard {a}-{b}", write_shard, a, b) for a, b in ranges]
         for name in names:
             shutil.copyfile(work / name, out.path(name))
+            if sha256_file(out.path(name)) != recorded_digest(work / name):
+                raise ArtifactError(f"{work / name} changed after it was sealed (corrupted); rerun sample to draw it again")
         out.extra["synthetic"] = {"count": p.n, "shape": list(shape), "shards": len(names)}
-    shutil.rmtree(work, ignore_errors=True)
     return out.manifest
 
 
