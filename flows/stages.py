@@ -7,6 +7,7 @@ and the command exits with the exception's full traceback.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 
@@ -15,7 +16,6 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed
 
 from models.errors import InputError
-from stages import data, evaluate, fetch, finetune, merge, reference, sample, train
 from stages.common import EVALUATE
 from stages.params import Params, ParamsError, load
 
@@ -27,15 +27,17 @@ def task_step(name: str, fn, *args):
     return task(fn, name=name, retries=1, cache_policy=NO_CACHE, persist_result=False)(*args)
 
 
+# stage -> (its module, how it is called). A stage imports only its own module when it runs: the
+# metrics stack (clean-fid, torchvision) costs seconds of start-up that data, train or merge never use.
 RUNNERS = {
-    "data": lambda p: data.run(p.data),
-    "reference": lambda p: reference.run(p.reference),
-    "train": lambda p: train.run(p.model, p.train, p.base),
-    "fetch": lambda p: fetch.run(p.base, p.model),
-    "sample": lambda p: sample.run(p.sample, p.model, step=task_step),
-    "finetune": lambda p: finetune.run(p.finetune, p.model),
-    "merge": lambda p: merge.run(p.merge),
-    "evaluate": lambda p: publish_report(evaluate.run(p.evaluate, p.sample, p.model, step=task_step)),
+    "data": ("stages.data", lambda m, p: m.run(p.data)),
+    "reference": ("stages.reference", lambda m, p: m.run(p.reference)),
+    "train": ("stages.train", lambda m, p: m.run(p.model, p.train, p.base)),
+    "fetch": ("stages.fetch", lambda m, p: m.run(p.base, p.model)),
+    "sample": ("stages.sample", lambda m, p: m.run(p.sample, p.model, step=task_step)),
+    "finetune": ("stages.finetune", lambda m, p: m.run(p.finetune, p.model)),
+    "merge": ("stages.merge", lambda m, p: m.run(p.merge)),
+    "evaluate": ("stages.evaluate", lambda m, p: publish_report(m.run(p.evaluate, p.sample, p.model, step=task_step))),
 }
 
 
@@ -53,7 +55,8 @@ def publish_report(manifest: dict) -> dict:
 @flow(name="neon-stage", flow_run_name="{stage}", log_prints=True, persist_result=False)
 def stage_flow(stage: str, params: Params):
     try:
-        manifest = RUNNERS[stage](params)
+        module, call = RUNNERS[stage]
+        manifest = call(importlib.import_module(module), params)
     except InputError as exc:
         return Failed(message=str(exc), name=INPUT_ERROR)
     return {"artifact": manifest["artifact"], "digest": manifest["digest"]}

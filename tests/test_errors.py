@@ -17,12 +17,12 @@ import sys
 import flows.stages as entry
 from models.merge import MergeError
 
-def fail(params):
+def fail(module, params):
     if sys.argv[1] == "merge":
         raise MergeError("tensor `w` holds NaN/inf in the self-trained checkpoint")
     {}["a key the code forgot"]  # a bug
 
-entry.RUNNERS["merge"] = fail
+entry.RUNNERS["merge"] = ("stages.merge", fail)
 sys.exit(entry.main(["merge"]))
 """
 
