@@ -27,8 +27,11 @@ def _write_dvc_local(info: store.StoreInfo) -> None:
     if not cfg.has_section(section):
         cfg.add_section(section)
     creds = store.credentials()
+    settings = store.s3_settings()  # DVC's own S3 client: the same short timeouts (its retries: AWS_MAX_ATTEMPTS)
     cfg[section].update(endpointurl=info.endpoint, access_key_id=creds["AWS_ACCESS_KEY_ID"],
-                        secret_access_key=creds["AWS_SECRET_ACCESS_KEY"])
+                        secret_access_key=creds["AWS_SECRET_ACCESS_KEY"],
+                        connect_timeout=f"{settings['NEON_S3_CONNECT_TIMEOUT']:g}",
+                        read_timeout=f"{settings['NEON_S3_READ_TIMEOUT']:g}")
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w") as f:
         cfg.write(f)
@@ -50,6 +53,8 @@ def cmd_store(args) -> int:
             return 1
         for k, v in store.s3_env(info.endpoint).items():
             print(f"export {k}={v}")
+        # DVC's S3 client (botocore) then retries like the stages' own: bounded, with backoff
+        print(f"export AWS_RETRY_MODE=standard AWS_MAX_ATTEMPTS={store.s3_settings()['NEON_S3_RETRIES']}")
     else:
         info = store.read_info(state)
         if info is None:

@@ -38,7 +38,7 @@ def _is_type_checking(node: ast.If) -> bool:
         (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
-def _referenced(tree: ast.AST) -> set[str]:
+def _referenced(tree: ast.AST, strings: bool = True) -> set[str]:
     """Dotted names of every module this source imports or names in a string (and their parents)."""
     names: set[str] = set()
 
@@ -52,7 +52,7 @@ def _referenced(tree: ast.AST) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             names.add(node.module)
             names.update(f"{node.module}.{alias.name}" for alias in node.names)  # submodules; attributes drop out
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and "." in node.value:
+        elif strings and isinstance(node, ast.Constant) and isinstance(node.value, str) and "." in node.value:
             names.add(node.value)  # "models.edm"; other strings resolve to no project file and drop out
         for child in ast.iter_child_nodes(node):
             visit(child)
@@ -76,7 +76,8 @@ def _closure(module: str, root: Path) -> tuple[str, ...]:
         if path is None or name in seen:
             continue
         seen[name] = path
-        todo.extend(_referenced(ast.parse(path.read_text(), str(path))))
+        # This module names modules as data (ENTRY) without running them: only its imports count.
+        todo.extend(_referenced(ast.parse(path.read_text(), str(path)), strings=name != __name__))
     return tuple(sorted({p.relative_to(root).as_posix() for p in seen.values() if p.stat().st_size}))
 
 

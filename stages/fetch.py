@@ -29,8 +29,10 @@ def _is_s3(uri: str) -> bool:
 def _is_folder(source: str) -> bool:
     """A checkpoint folder from another codebase (e.g. diffusers' config.json + weights) rather than one file."""
     if _is_s3(source):
-        try:
-            return store.filesystem().isdir(source[len("s3://"):])
+        fs = store.filesystem()
+        try:  # an unreachable store is not "not a folder": `access` raises it as one line
+            with store.access(fs, f"base.checkpoint {source}"):
+                return fs.isdir(source[len("s3://"):])
         except (BotoCoreError, ClientError, OSError):
             return False
     return Path(source).is_dir()
@@ -39,7 +41,9 @@ def _is_folder(source: str) -> bool:
 def _download_folder(source: str, dest: Path) -> dict:
     """Copy a folder (local or an s3:// prefix) to `dest`; return its content digest and file count."""
     if _is_s3(source):
-        store.filesystem().get(source[len("s3://"):].rstrip("/") + "/", str(dest), recursive=True)
+        fs = store.filesystem()
+        with store.access(fs, f"base.checkpoint {source}"):
+            fs.get(source[len("s3://"):].rstrip("/") + "/", str(dest), recursive=True)
     else:
         shutil.copytree(source, dest)
     files = {p.relative_to(dest).as_posix(): sha256_file(p) for p in sorted(dest.rglob("*")) if p.is_file()}
@@ -76,8 +80,9 @@ def _download(source: str, dest: Path) -> dict:
         try:
             # By the version just read: the latest could be replaced between the two calls, and then the
             # recorded version id would not name the bytes whose sha256 is verified.
-            version = fs.info(key, refresh=True).get("VersionId")
-            fs.get_file(key, str(dest), version_id=version)
+            with store.access(fs, f"base.checkpoint {source}"):
+                version = fs.info(key, refresh=True).get("VersionId")
+                fs.get_file(key, str(dest), version_id=version)
         except FileNotFoundError:
             raise StageError(f"base.checkpoint {source} does not exist (no such object); check the bucket, "
                              "the key and AWS_ENDPOINT_URL_S3") from None
@@ -101,7 +106,9 @@ def _manifest_beside(source: str) -> dict | None:
     where = f"{parent}/{MANIFEST}"
     try:
         if _is_s3(source):
-            text = store.filesystem().cat_file(where[len("s3://"):]).decode()
+            fs = store.filesystem()
+            with store.access(fs, f"base.checkpoint {source} (its {MANIFEST})"):
+                text = fs.cat_file(where[len("s3://"):]).decode()
         else:
             text = Path(where).read_text()
     except (FileNotFoundError, OSError):

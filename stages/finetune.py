@@ -4,8 +4,10 @@ from __future__ import annotations
 import torch
 
 from models import checkpoint
-from models.training import fit
-from stages.artifacts import artifact, input_ref
+from models.errors import NonFiniteError
+from models.training import non_finite
+from stages import code, snapshots
+from stages.artifacts import artifact, input_ref, work_folder
 from stages.common import BASE, MODEL_FILE, SELFTRAINED, SYNTHETIC, device, device_name, log, progress
 from stages.model_config import load
 from stages.params import FinetuneParams, ModelParams
@@ -16,15 +18,24 @@ def run(p: FinetuneParams, model_p: ModelParams) -> dict:
     inputs = {"base": input_ref(BASE), "synthetic": input_ref(SYNTHETIC)}
     dev = device()
     model, fam, config = load(BASE / MODEL_FILE, model_p)
+    if bad := non_finite(model.state_dict()):
+        raise NonFiniteError(f"stage finetune: the base checkpoint {BASE / MODEL_FILE} holds NaN or inf in tensor "
+                             f"`{bad}`; retrain the base with a lower train.lr or fetch a finite checkpoint")
     images, labels = load_synthetic()
     images = torch.from_numpy(images)
     labels = None if labels is None else torch.from_numpy(labels)
+    work = snapshots.work_dir("finetune", inputs,
+                              {"finetune": p.model_dump(exclude={"snapshot_every"}), "model": model_p.model_dump()},
+                              code.digest(__name__), dev)
     log(f"[finetune] {p.steps} steps x {p.batch_size} images ({p.steps * p.batch_size / len(images):.2f} epochs of "
-        f"|S| = {len(images)}), {p.optimizer} lr {p.lr}, EMA {p.ema_decay} on {device_name(dev)}")
-    with artifact(SELFTRAINED, "finetune", p.model_dump(), inputs=inputs, device=device_name(dev)) as out:
-        tuned = fit(model.to(dev), fam.loss(config), images, labels, steps=p.steps, batch_size=p.batch_size, lr=p.lr,
-                    seed=p.seed, ema_decay=p.ema_decay, optimizer=p.optimizer, label_dropout=model_p.label_dropout,
-                    null_label=model_p.label_dim, progress=progress("finetune"))
+        f"|S| = {len(images)}), {p.optimizer} lr {p.lr}, EMA {p.ema_decay} on {device_name(dev)}; "
+        f"snapshots every {p.snapshot_every} steps in {work}")
+    with work_folder(work), \
+            artifact(SELFTRAINED, "finetune", p.model_dump(), inputs=inputs, device=device_name(dev)) as out:
+        tuned = snapshots.resumable_fit(
+            "finetune", work, p.snapshot_every, model.to(dev), fam.loss(config), images, labels, steps=p.steps,
+            batch_size=p.batch_size, lr=p.lr, seed=p.seed, ema_decay=p.ema_decay, optimizer=p.optimizer,
+            label_dropout=model_p.label_dropout, null_label=model_p.label_dim, progress=progress("finetune"))
         checkpoint.save(out.path(MODEL_FILE), tuned.state_dict(), model_p.family, config,
                         extra={"base_digest": inputs["base"]["digest"], "synthetic_digest": inputs["synthetic"]["digest"]})
         out.extra["training"] = {"images_seen": p.steps * p.batch_size}

@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import io
 import json
+import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -28,6 +29,9 @@ from stages.common import StageError
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 LABEL_FILE = "dataset.json"
 MODES = {"L": 1, "RGB": 3}  # 8-bit grayscale and colour; anything else is converted by the user, knowingly
+# Pixels one image may have: far above what these generators train on (28x28 .. 512x512), far below a
+# decompression bomb (a few bytes whose header claims 100000x100000 pixels: tens of GB once decoded).
+MAX_PIXELS = 4096 * 4096
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # where Debian's dataset-fashion-mnist installs
 S3_BATCH = 256  # objects fetched per concurrent S3 request batch
 
@@ -134,6 +138,8 @@ class _S3Prefix(_Location):
             blobs = self.fs.cat([f"{self.key}/{n}" for n in batch], on_error="return")
             for name in batch:
                 blob = blobs[f"{self.key}/{name}"]
+                if store.is_unreachable(blob):  # the store is down, not this object broken: see _location
+                    raise blob
                 if isinstance(blob, Exception):
                     raise StageError(f"{self.show(name)}: cannot be read ({blob!r}); check the object and "
                                      "your S3 credentials")
@@ -152,19 +158,25 @@ def _open_zip(file, where: str) -> _Zip:
 def _location(source: str) -> Iterator[_Location]:
     if source.startswith("s3://"):
         fs, key = store.filesystem(), source[len("s3://"):].strip("/")
-        try:
-            is_file, is_dir = fs.isfile(key), fs.isdir(key)
-        except Exception as exc:  # credentials, endpoint, permissions: botocore's errors share no base worth naming
-            raise StageError(f"data.source = {source}: cannot reach it ({type(exc).__name__}: {exc}); set AWS "
-                             "credentials, and AWS_ENDPOINT_URL_S3 for a store other than AWS") from None
-        if is_file:
-            with fs.open(key, "rb") as f:
-                yield _open_zip(f, source)
-        elif is_dir:
-            yield _S3Prefix(fs, key, source)
-        else:
-            raise StageError(f"data.source = {source}: no such S3 object or prefix; check the bucket and key "
-                             "(and AWS_ENDPOINT_URL_S3 / credentials for a non-AWS store)")
+        # Around the caller's reads too (they run at the `yield`): a store that goes down mid-read is one line.
+        with store.access(fs, f"data.source {source}"):
+            try:  # one `info`, not isfile + isdir: isfile answers False for any error, so a dead store cost twice
+                kind = fs.info(key).get("type")
+            except FileNotFoundError:
+                kind = None
+            except Exception as exc:  # credentials, permissions: botocore's errors share no base worth naming
+                if store.is_unreachable(exc):
+                    raise
+                raise StageError(f"data.source = {source}: cannot read it ({type(exc).__name__}: {exc}); set AWS "
+                                 "credentials, and AWS_ENDPOINT_URL_S3 for a store other than AWS") from None
+            if kind == "file":
+                with fs.open(key, "rb") as f:
+                    yield _open_zip(f, source)
+            elif kind == "directory":
+                yield _S3Prefix(fs, key, source)
+            else:
+                raise StageError(f"data.source = {source}: no such S3 object or prefix; check the bucket and key "
+                                 "(and AWS_ENDPOINT_URL_S3 / credentials for a non-AWS store)")
         return
     path = Path(source).expanduser()
     if path.is_dir():
@@ -239,14 +251,24 @@ def _labels_from_folders(loc: _Location, images: list[str]) -> tuple[dict[str, i
 
 def _decode(loc: _Location, name: str, raw: bytes) -> np.ndarray:
     try:
-        with Image.open(io.BytesIO(raw), formats=["PNG", "JPEG"]) as img:
-            img.load()
-            mode = img.mode
-            array = np.asarray(img)
+        with warnings.catch_warnings():  # PIL warns above its own limit; ours is lower and refuses below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(raw), formats=["PNG", "JPEG"]) as img:
+                size = img.size  # from the header: nothing is decoded before the size is checked
+                if size[0] * size[1] <= MAX_PIXELS:
+                    img.load()
+                    mode = img.mode
+                    array = np.asarray(img)
+    except Image.DecompressionBombError as exc:  # PIL's own limit, checked as it opens the file
+        size, bomb = None, str(exc).split(",")[0]
     except UnidentifiedImageError:
         raise StageError(f"{loc.show(name)}: not a PNG or JPEG file; replace or delete the file") from None
     except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
         raise StageError(f"{loc.show(name)}: not a readable PNG/JPEG image ({exc}); replace or delete the file") from None
+    if size is None or size[0] * size[1] > MAX_PIXELS:
+        claimed = f"claims too many pixels ({bomb})" if size is None else f"claims {size[0]}x{size[1]} pixels"
+        raise StageError(f"{loc.show(name)}: {claimed}, above the {MAX_PIXELS:,} pixels an image may have here "
+                         "(a decompression bomb, or not a dataset image); refused unread: downscale it or remove it")
     if mode not in MODES:
         raise StageError(f"{loc.show(name)}: has mode {mode}; the pipeline takes 8-bit grayscale (L) or RGB images: "
                          "convert it (e.g. PIL's `image.convert('RGB')`)")

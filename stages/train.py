@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 
 from models import checkpoint, family as families
-from models.training import fit
-from stages.artifacts import artifact, input_ref
+from stages import code, snapshots
+from stages.artifacts import artifact, input_ref, work_folder
 from stages.common import DATA, MODEL_FILE, TRAIN, device, device_name, load_data, log, progress
 from stages.model_config import conditioning_labels, model_config
 from stages.params import BaseParams, ModelParams, TrainParams
@@ -26,15 +26,22 @@ def run(model_p: ModelParams, train_p: TrainParams, base_p: BaseParams) -> dict:
     fam = families.get(model_p.family)
     images, labels = load_data()
     labels = conditioning_labels(model_p, labels)
-    with artifact(TRAIN, "train", params, inputs={"data": input_ref(DATA)}, device=device_name(dev)) as out:
+    inputs = {"data": input_ref(DATA)}
+    work = snapshots.work_dir("train", inputs,
+                              {**params, "train": train_p.model_dump(exclude={"snapshot_every"})},
+                              code.digest(__name__), dev)
+    # The work folder (snapshots) is removed once the artifact is published, kept if the run fails.
+    with work_folder(work), artifact(TRAIN, "train", params, inputs=inputs, device=device_name(dev)) as out:
         torch.manual_seed(train_p.seed)  # initial weights
         model = fam.build(config).to(dev)
         n_params = sum(t.numel() for t in model.parameters())
         log(f"[train] {model_p.family} model, {n_params:,} parameters, {train_p.steps} steps x "
-            f"{train_p.batch_size} images on {device_name(dev)}")
-        ema = fit(model, fam.loss(config), images, labels, steps=train_p.steps, batch_size=train_p.batch_size,
-                  lr=train_p.lr, seed=train_p.seed, ema_decay=train_p.ema_decay, label_dropout=model_p.label_dropout,
-                  null_label=model_p.label_dim, progress=progress("train"))
+            f"{train_p.batch_size} images on {device_name(dev)}; snapshots every {train_p.snapshot_every} steps "
+            f"in {work}")
+        ema = snapshots.resumable_fit(
+            "train", work, train_p.snapshot_every, model, fam.loss(config), images, labels, steps=train_p.steps,
+            batch_size=train_p.batch_size, lr=train_p.lr, seed=train_p.seed, ema_decay=train_p.ema_decay,
+            label_dropout=model_p.label_dropout, null_label=model_p.label_dim, progress=progress("train"))
         checkpoint.save(out.path(MODEL_FILE), ema.state_dict(), model_p.family, config)
         out.extra["training"] = {"images_seen": train_p.steps * train_p.batch_size, "parameters": n_params}
     return out.manifest
