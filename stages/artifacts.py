@@ -253,20 +253,25 @@ def _restore_hint(artifact_dir: Path) -> str:
     return f"restore it with `dvc checkout {artifact_dir.as_posix()}` or recompute it with `dvc repro`"
 
 
+def parse_manifest(raw: bytes | str, where: str, fix: str) -> dict[str, Any]:
+    """A manifest's JSON, refused (naming `where` and `fix`) unless it matches its own digest."""
+    try:
+        manifest = json.loads(raw)
+        ok = isinstance(manifest, dict) and manifest.get("manifest_digest", _manifest_digest(manifest)) == _manifest_digest(manifest)
+    except (ValueError, AttributeError, TypeError):
+        ok = False
+    if not ok:
+        raise ArtifactError(f"{where} is corrupted (it does not match its own digest); {fix}")
+    return manifest
+
+
 def read_manifest(artifact_dir: Path | str) -> dict[str, Any]:
     """An artifact's manifest, refused if it is not the manifest its stage wrote (its own digest)."""
     artifact_dir = Path(artifact_dir)
     path = artifact_dir / MANIFEST
     if not path.exists():
         raise MissingArtifactError(f"{path} is missing: {artifact_dir} is not a complete artifact; rerun its stage")
-    try:
-        manifest = json.loads(path.read_bytes())
-        ok = isinstance(manifest, dict) and manifest.get("manifest_digest", _manifest_digest(manifest)) == _manifest_digest(manifest)
-    except (ValueError, AttributeError):
-        ok = False
-    if not ok:
-        raise ArtifactError(f"{path} is corrupted (it does not match its own digest); {_restore_hint(artifact_dir)}")
-    return manifest
+    return parse_manifest(path.read_bytes(), str(path), _restore_hint(artifact_dir))
 
 
 def input_ref(artifact_dir: Path | str) -> dict[str, str]:

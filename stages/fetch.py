@@ -7,7 +7,6 @@ by the digest of its contents (names and file digests) and converted by the fami
 """
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path, PurePosixPath
@@ -16,7 +15,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from stages import store
 from models import checkpoint, family as families
-from stages.artifacts import MANIFEST, artifact, directory_digest, input_ref, sha256_file
+from stages.artifacts import MANIFEST, artifact, directory_digest, input_ref, parse_manifest, sha256_file
 from stages.common import BASE, MODEL_FILE, TRAIN, WORK, StageError, log
 from stages.model_config import load
 from stages.params import BaseParams, ModelParams
@@ -108,12 +107,13 @@ def _manifest_beside(source: str) -> dict | None:
         if _is_s3(source):
             fs = store.filesystem()
             with store.access(fs, f"base.checkpoint {source} (its {MANIFEST})"):
-                text = fs.cat_file(where[len("s3://"):]).decode()
+                text = fs.cat_file(where[len("s3://"):])
         else:
-            text = Path(where).read_text()
+            text = Path(where).read_bytes()
     except (FileNotFoundError, OSError):
         return None
-    manifest = json.loads(text)
+    manifest = parse_manifest(text, where, "replace it with the manifest its stage wrote, or remove it and set "
+                                           "base.sha256 to the checkpoint's digest")
     return manifest if name in manifest.get("files", {}) else None
 
 

@@ -32,6 +32,7 @@ MODES = {"L": 1, "RGB": 3}  # 8-bit grayscale and colour; anything else is conve
 # Pixels one image may have: far above what these generators train on (28x28 .. 512x512), far below a
 # decompression bomb (a few bytes whose header claims 100000x100000 pixels: tens of GB once decoded).
 MAX_PIXELS = 4096 * 4096
+MAX_FILE_BYTES = 256 << 20  # one image file as stored (a zip member's declared size: a zip bomb is refused unread)
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # where Debian's dataset-fashion-mnist installs
 S3_BATCH = 256  # objects fetched per concurrent S3 request batch
 
@@ -121,6 +122,10 @@ class _Zip(_Location):
 
     def read(self, names):
         for name in names:
+            size = self.archive.getinfo(name).file_size  # what extraction will write: bounded before it starts
+            if size > MAX_FILE_BYTES:
+                raise StageError(f"{self.show(name)}: {size:,} bytes uncompressed, more than an image here may have "
+                                 f"({MAX_FILE_BYTES:,}); remove it from the archive")
             try:
                 yield name, self.archive.read(name)
             except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as exc:

@@ -54,6 +54,17 @@ def test_a_corrupted_manifest_is_refused(workspace, edit):
     assert not (workspace / "artifacts" / "merged").exists()
 
 
+def test_a_corrupted_manifest_beside_a_users_checkpoint_is_refused(workspace):
+    """`fetch` trusts the digest a manifest beside the checkpoint lists only if that manifest is intact."""
+    from stages import fetch
+    from stages.common import TRAIN
+
+    p = tiny_params()
+    flip_byte(TRAIN / "manifest.json", offset=40)
+    with pytest.raises(ArtifactError, match=r"artifacts/train/manifest.json is corrupted .* set base.sha256"):
+        fetch.run(p.base, p.model)
+
+
 def test_a_corrupted_cached_evaluation_result_is_refused_and_an_unfinished_one_redone(tmp_path):
     result = tmp_path / "0123.json"
     with atomic_file(result) as tmp:

@@ -415,6 +415,34 @@ def test_decompression_bombs_are_refused_unread(tmp_path, monkeypatch, width, he
     assert width * height > sources.MAX_PIXELS
 
 
+def test_a_zip_bomb_member_is_refused_before_it_is_extracted(tmp_path, monkeypatch):
+    """A member whose declared size is above any image's: refused by its header, nothing inflated."""
+    from stages import data, sources
+    from stages.common import StageError
+    from stages.params import DataParams
+
+    monkeypatch.chdir(tmp_path)
+    write_pngs(tmp_path / "digits", count=4)
+    with zipfile.ZipFile(tmp_path / "digits.zip", "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for path in sorted((tmp_path / "digits").iterdir()):
+            z.write(path, f"digits/{path.name}")
+        with z.open("digits/zeros.png", "w", force_zip64=True) as member:
+            for _ in range(sources.MAX_FILE_BYTES // (1 << 24) + 1):
+                member.write(bytes(1 << 24))
+    assert (tmp_path / "digits.zip").stat().st_size < 2 << 20  # a few hundred kB that would inflate to > 256 MiB
+    inflated, read = [], zipfile.ZipFile.read
+
+    def spy(self, name, pwd=None):
+        inflated.append(name)
+        return read(self, name, pwd)
+
+    monkeypatch.setattr(zipfile.ZipFile, "read", spy)
+    with pytest.raises(StageError, match=r"digits/zeros.png in .*digits.zip: 285,212,672 bytes uncompressed, "
+                                         r"more than an image here may have"):
+        data.run(DataParams(source=str(tmp_path / "digits.zip")))
+    assert "digits/zeros.png" not in inflated and inflated, inflated
+
+
 def test_a_decompression_bomb_through_the_entry_point_is_one_line(tmp_path, prefect_api):
     write_pngs(tmp_path / "digits", count=4)
     (tmp_path / "digits" / "bomb.png").write_bytes(bomb_png(100_000, 100_000))
