@@ -55,6 +55,26 @@ def test_fid_kid_precision_recall_on_known_distributions(gaussian):
     assert p < 0.05 and r < 0.05
 
 
+@pytest.mark.parametrize("n, d", [(12, 64), (40, 128), (128, 128), (300, 2048)])
+def test_fid_with_fewer_samples_than_dimensions_is_the_exact_frechet_distance(n, d):
+    """The n x n eigen form (n <= d) against the definition computed in its symmetric d x d form
+    (tr sqrt(S_ref^1/2 S S_ref^1/2)) and against clean-fid's sqrtm, on a reference of full rank."""
+    from cleanfid.fid import frechet_distance
+
+    rng = np.random.default_rng(n)
+    ref = rng.normal(size=(4 * d, d)) @ rng.normal(size=(d, d)) * 0.1
+    mu_ref, sigma_ref = ref.mean(0), np.cov(ref, rowvar=False)
+    feats = rng.normal(size=(n, d)) + 0.3
+    mu, sigma = feats.mean(0), np.cov(feats, rowvar=False)
+    w, v = np.linalg.eigh(sigma_ref)
+    root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    cross = np.sqrt(np.clip(np.linalg.eigvalsh(root @ sigma @ root), 0, None)).sum()
+    exact = (mu - mu_ref) @ (mu - mu_ref) + np.trace(sigma) + np.trace(sigma_ref) - 2 * cross
+    assert metrics.fid(feats, mu_ref, sigma_ref) == pytest.approx(exact, rel=1e-7)  # float64 rounding of either form
+    if d <= 128:  # clean-fid's d x d sqrtm is slow at 2048
+        assert metrics.fid(feats, mu_ref, sigma_ref) == pytest.approx(frechet_distance(mu, sigma, mu_ref, sigma_ref), rel=1e-7)
+
+
 def test_bootstrap_interval_narrows_with_more_samples(gaussian):
     real, same = gaussian
     mu, sigma = metrics.statistics(real)
