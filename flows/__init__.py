@@ -3,7 +3,20 @@ Prefect is imported, so they are part of the project rather than of anyone's she
 import os
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+
+def _root() -> Path:
+    """The checkout the pipeline runs in: NEON_ROOT when set (a worker's checkout), else the current
+    directory when it holds dvc.yaml (`dvc repro` runs each stage there; a Prefect pull step changes
+    into it), else the folder above this package (an editable install, run from anywhere)."""
+    if explicit := os.environ.get("NEON_ROOT"):
+        return Path(explicit).resolve()
+    if (Path.cwd() / "dvc.yaml").is_file():
+        return Path.cwd().resolve()
+    return Path(__file__).resolve().parent.parent
+
+
+ROOT = _root()
+
 _PREFECT_DEFAULTS = {
     "PREFECT_HOME": str(ROOT / ".neon" / "prefect"),
     "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(ROOT / ".neon" / "prefect" / "results"),

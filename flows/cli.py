@@ -4,7 +4,9 @@
   neon prefect up|down|status     a local Prefect API server that the stages' flows then use
   neon lineage PATH_OR_S3_URI     the chain of artifacts, code and params behind an artifact;
                                   one object version: s3://BUCKET/KEY?versionId=V or --version-id V
-  neon schedule apply|serve       the cron deployment of the whole pipeline
+  neon schedule apply|serve|worker|run
+                                  the cron deployment of the whole pipeline (prefect.yaml), a worker
+                                  on its pool for this checkout, a run now
 """
 from __future__ import annotations
 
@@ -93,17 +95,145 @@ def cmd_lineage(args) -> int:
     return 0
 
 
+def _results_url() -> str:
+    """Where Prefect keeps flow results: NEON_RESULTS_URL, else `prefect-results/` in the DVC remote's bucket."""
+    import os
+
+    if url := os.environ.get("NEON_RESULTS_URL"):
+        return url
+    cfg = configparser.ConfigParser()
+    cfg.read([ROOT / ".dvc" / "config", ROOT / ".dvc" / "config.local"])
+    remote = cfg.get("'remote \"store\"'", "url", fallback=f"s3://{store.DEFAULT_BUCKET}/dvc")
+    return f"s3://{remote.removeprefix('s3://').split('/', 1)[0]}/prefect-results"
+
+
+def _prepare_pool() -> str:
+    """The process work pool the deployment targets, and the result-storage block (no credentials in it:
+    s3fs takes them, and the endpoint, from each worker's environment)."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+    from prefect.filesystems import RemoteFileSystem
+    from prefect.workers.utilities import (
+        get_default_base_job_template_for_infrastructure_type,
+    )
+
+    from flows.pipeline import RESULTS_BLOCK, WORK_POOL
+
+    async def pool() -> None:
+        async with get_client() as client:
+            try:
+                await client.read_work_pool(WORK_POOL)
+            except ObjectNotFound:
+                template = await get_default_base_job_template_for_infrastructure_type("process")
+                try:
+                    await client.create_work_pool(WorkPoolCreate(name=WORK_POOL, type="process",
+                                                                 base_job_template=template))
+                except ObjectAlreadyExists:  # a worker starting at the same time created it
+                    pass
+
+    asyncio.run(pool())
+    url = _results_url()
+    RemoteFileSystem(basepath=url).save(RESULTS_BLOCK, overwrite=True)
+    return url
+
+
+def _worker_env() -> dict[str, str]:
+    """A worker's environment: this checkout as NEON_ROOT; the embedded store (when it runs and no other
+    endpoint is set) with its local-only credentials. Credentials stay in the process environment: nothing
+    here is sent to the Prefect server."""
+    import os
+
+    env = {**os.environ, "NEON_ROOT": str(ROOT)}
+    if not (env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")) and \
+            (info := store.read_info(ROOT / store.DEFAULT_STATE_DIR)) is not None:
+        env.update(store.s3_env(info.endpoint))
+    if "127.0.0.1" in (env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or ""):
+        env.update(store.credentials())
+    return env
+
+
+def _run_now(wait: bool, timeout: float) -> dict:
+    """Trigger the deployment now; with `wait`, its final state, its stages' child runs and its result."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+    )
+    from prefect.deployments import run_deployment
+
+    from flows.pipeline import DEPLOYMENT
+
+    run = run_deployment(f"neon-pipeline/{DEPLOYMENT}", timeout=timeout if wait else 0, poll_interval=1,
+                         as_subflow=False)
+    out = {"flow_run_id": str(run.id), "name": run.name, "state": run.state.type.value if run.state else None}
+    if not wait or not run.state or not run.state.is_final():
+        return out
+
+    async def children() -> list[dict]:
+        async with get_client() as client:
+            runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id])))
+        return [{"name": r.name, "state": r.state.type.value if r.state else None} for r in runs]
+
+    out["children"] = asyncio.run(children())
+    out["message"] = run.state.message
+    if run.state.is_completed():
+        try:
+            out["result"] = run.state.result()  # read back from the result storage (the S3 store)
+        except Exception as exc:  # noqa: BLE001 - the run's state stands; say why its result is unreadable
+            out["result_error"] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
 def cmd_schedule(args) -> int:
-    from prefect import serve
+    import os
+    import subprocess
 
-    from flows.pipeline import deployment
+    from flows.pipeline import WORK_POOL, deployment
 
-    dep = deployment(cron=args.cron)
-    if args.action == "apply":
-        dep_id = dep.apply()
-        print(f"deployment neon-pipeline/{dep.name} ({dep_id}) scheduled: cron {args.cron!r}")
+    if args.action == "apply":  # the pool, the results block, then prefect.yaml's deployment via `prefect deploy`
+        import yaml
+
+        url = _prepare_pool()
+        config = yaml.safe_load((ROOT / "prefect.yaml").read_text())  # its deployment, with this cron as its schedule
+        (spec,) = [d for d in config["deployments"] if d["name"] == "nightly"]
+        spec["schedules"] = [{**(spec.get("schedules") or [{}])[0], "cron": args.cron}]
+        rendered = ROOT / ".neon" / "schedule" / "prefect.yaml"
+        rendered.parent.mkdir(parents=True, exist_ok=True)
+        rendered.write_text(yaml.safe_dump(config, sort_keys=False))
+        cmd = [str(Path(sys.executable).with_name("prefect")), "deploy", "--no-prompt", "--prefect-file",
+               str(rendered), "--name", "nightly"]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+        if proc.returncode:
+            raise RuntimeError(f"prefect deploy failed ({proc.returncode}): {(proc.stdout + proc.stderr).strip()[-3000:]}")
+        print(f"deployment neon-pipeline/nightly on work pool {WORK_POOL!r} scheduled: cron {args.cron!r}; "
+              f"results in {url}")
+    elif args.action == "serve":  # one process, no pool: it runs the scheduled runs itself
+        os.environ.update(_worker_env())
+        from prefect import serve
+
+        serve(deployment(cron=args.cron))
+    elif args.action == "worker":  # replaces this process: signals reach the worker directly
+        prefect = str(Path(sys.executable).with_name("prefect"))
+        name = args.name or f"neon-{os.uname().nodename}-{os.getpid()}"
+        cmd = [prefect, "worker", "start", "--pool", WORK_POOL, "--type", "process", "--name", name]
+        env = _worker_env()
+        if args.healthcheck:  # GET http://127.0.0.1:8080/health answers while the worker polls
+            cmd.append("--with-healthcheck")
+            env.setdefault("PREFECT_WORKER_WEBSERVER_HOST", "127.0.0.1")
+        os.execve(prefect, cmd, env)
     else:
-        serve(dep)
+        os.environ.update({k: v for k, v in _worker_env().items() if k != "NEON_ROOT"})  # to read the result back
+        out = _run_now(args.wait, args.timeout)
+        print(json.dumps(out, default=str) if args.json else
+              f"flow run {out['name']} ({out['flow_run_id']}): {out['state']}"
+              + "".join(f"\n  {c['name']}: {c['state']}" for c in out.get("children", [])))
+        return 0 if not args.wait or out["state"] == "COMPLETED" else 1
     return 0
 
 
@@ -125,8 +255,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--version-id", default=None, help="the S3 version of TARGET (same as ?versionId=V)")
     p.set_defaults(fn=cmd_lineage)
     p = sub.add_parser("schedule", help="the scheduled deployment of the pipeline")
-    p.add_argument("action", choices=["apply", "serve"])
+    p.add_argument("action", choices=["apply", "serve", "worker", "run"],
+                   help="apply: the work pool, the results block and prefect.yaml's deployment; serve: run the "
+                   "schedule from this process (no pool); worker: a process worker on the pool for this checkout; "
+                   "run: trigger the deployment now")
     p.add_argument("--cron", default=None)
+    p.add_argument("--name", default=None, help="worker: its name (default neon-HOST-PID)")
+    p.add_argument("--healthcheck", action="store_true", help="worker: serve /health on 127.0.0.1:8080")
+    p.add_argument("--wait", action="store_true", help="run: wait for the final state")
+    p.add_argument("--timeout", type=float, default=3600, help="run --wait: seconds (default 3600)")
+    p.add_argument("--json", action="store_true", help="run: print one JSON object")
     p.set_defaults(fn=cmd_schedule)
     args = parser.parse_args(argv)
     if getattr(args, "cron", "") is None:

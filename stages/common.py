@@ -26,7 +26,11 @@ class StageError(InputError, RuntimeError):
 
 
 def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() and os.environ.get("NEON_DEVICE") != "cpu" else "cpu")
+    """CUDA when there is a GPU (NEON_DEVICE=cpu forces the CPU); under torchrun each process its own GPU, LOCAL_RANK."""
+    if not torch.cuda.is_available() or os.environ.get("NEON_DEVICE") == "cpu":
+        return torch.device("cpu")
+    local = os.environ.get("LOCAL_RANK")
+    return torch.device("cuda", int(local)) if local else torch.device("cuda")
 
 
 def device_name(dev: torch.device) -> str:

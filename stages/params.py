@@ -177,6 +177,15 @@ SamplerParams = create_model("SamplerParams", __base__=SamplerBase,
                              **{name: (f.Settings, f.Settings()) for name, f in _FAMILIES.items()})
 
 
+def _check_streams(p):
+    """train/finetune: the global batch splits into `noise_streams` equal chunks (one loss-noise stream each)."""
+    if p.batch_size % p.noise_streams:
+        raise Invalid("noise_streams", lambda n: f"must divide {n('batch_size')} ({p.batch_size}): the global batch "
+                      "is split into that many equal chunks, one loss-noise stream each; pick a divisor",
+                      p.noise_streams)
+    return p
+
+
 class TrainParams(Section):
     steps: PositiveInt = 1200  # optimizer steps
     batch_size: PositiveInt = 64  # images per step
@@ -184,6 +193,11 @@ class TrainParams(Section):
     ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.995  # per-step EMA decay; 0 keeps raw weights
     seed: int = 0  # seeds initialisation, batches and noise
     snapshot_every: Annotated[int, Field(ge=0)] = 200  # optimizer steps between resumable training-state snapshots; 0 = none
+    noise_streams: PositiveInt = 1  # independent loss-noise streams a global batch is split into; results are the same for any world size that divides it
+
+    @model_validator(mode="after")
+    def _whole_streams(self):
+        return _check_streams(self)
 
 
 class ReferenceParams(Section):
@@ -248,6 +262,11 @@ class FinetuneParams(Section):
     ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.0  # 0 = merge the raw fine-tuned weights
     seed: int = 1
     snapshot_every: Annotated[int, Field(ge=0)] = 100  # optimizer steps between resumable training-state snapshots; 0 = none
+    noise_streams: PositiveInt = 1  # independent loss-noise streams a global batch is split into; results are the same for any world size that divides it
+
+    @model_validator(mode="after")
+    def _whole_streams(self):
+        return _check_streams(self)
 
 
 class MergeParams(Section):

@@ -6,9 +6,13 @@ batches), so the set is bit-identical for any shard size or number of workers. (
 so batch_size is part of the params that key the set.) Shards are written atomically and sealed with
 their digest into a work folder keyed by (base digest, params, code digest); a rerun after a kill keeps
 the intact ones and draws the rest. The artifact is published only when every shard is there.
+
+Under torchrun (`stages.distributed`) shard i is drawn by process i % N into the same work folder; once every
+process is done, process 0 alone publishes the set, byte for byte the set one process draws.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -16,10 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from models.sampling import class_labels, generate
-from stages import code
+from stages import code, distributed
 from stages.artifacts import (ArtifactError, artifact, atomic_file, input_ref, recorded_digest, seal, sealed, sha256_bytes,
                               sha256_file, unseal, work_folder)
-from stages.common import BASE, MODEL_FILE, SYNTHETIC, WORK, device, device_name, load_images, log, progress, save_images
+from stages.common import BASE, MODEL_FILE, SYNTHETIC, WORK, device_name, load_images, log, progress, save_images
 from stages.model_config import load
 from stages.params import ModelParams, SampleParams, sampler_settings
 
@@ -49,23 +53,35 @@ def _complete(path: Path) -> bool:
     return bool(state)
 
 
-def run(p: SampleParams, model_p: ModelParams, step=None) -> dict:
-    """`step(name, fn, *args)` runs a sub-step (the flow makes each shard a Prefect task)."""
+def run(p: SampleParams, model_p: ModelParams, step=None) -> dict | None:
+    """`step(name, fn, *args)` runs a sub-step (the flow makes each shard a Prefect task). Under torchrun
+    each process draws its shards and process 0 publishes the set: the manifest there, None elsewhere."""
     step = step or (lambda name, fn, *args: fn(*args))
+    world = distributed.world()
     base = input_ref(BASE)
-    dev = device()
+    dev = world.device
     params = {**p.model_dump(exclude={"sampler"}), "sampler": {model_p.family: sampler_settings(p, model_p).model_dump()}}
-    with (work_folder(work_dir(base["digest"], params)) as work,  # removed only after the artifact is published
-          artifact(SYNTHETIC, "sample", params, inputs={"base": base}, device=device_name(dev)) as out):
+    folder = work_dir(base["digest"], params)
+    main = world.is_main
+    # Process 0 holds the work folder (removed only after the artifact is published) and writes the artifact;
+    # the others draw their shards into the folder it holds.
+    with (work_folder(folder) if main else contextlib.nullcontext(folder)) as work, \
+            (artifact(SYNTHETIC, "sample", params, inputs={"base": base}, device=world.describe(device_name(dev)))
+             if main else contextlib.nullcontext()) as out:
+        world.barrier()  # process 0 holds the folder before anyone writes into it
         model, fam, config = load(BASE / MODEL_FILE, model_p)
         model = model.to(dev)
         settings = sampler_settings(p, model_p)
         shape = tuple(config["image_shape"])
         ranges = shard_ranges(p.n, p.shard_size)
-        done = sum(_complete(work / shard_name(a, b)) for a, b in ranges)
-        log(f"[sample] {p.n} images in {len(ranges)} shards ({done} already complete in {work}) on {device_name(dev)}, "
+        mine = ranges[world.rank::world.size]
+        done = sum(_complete(work / shard_name(a, b)) for a, b in mine)
+        who = f" (process {world.rank} of {world.size})" if world.size > 1 else ""
+        log(f"[sample{who}] {p.n} images in {len(ranges)} shards ({done} already complete in {work}"
+            f"{f'; this process draws {len(mine)}' if world.size > 1 else ''}) on {device_name(dev)}, "
             f"{model_p.family} sampler {settings.model_dump()}")
-        report = progress("sample")
+        report = progress("sample" if world.size == 1 else f"sample {world.rank}")
+        todo = sum(b - a for a, b in mine)
 
         def write_shard(start: int, stop: int) -> str:
             path = work / shard_name(start, stop)
@@ -76,15 +92,28 @@ def run(p: SampleParams, model_p: ModelParams, step=None) -> dict:
                 with atomic_file(path) as tmp:
                     save_images(tmp, images.numpy(), None if labels is None else labels.numpy())
                 seal(path)
-            report(stop, p.n)
+            if world.size == 1:
+                report(stop, p.n)
+            else:
+                report(sum(b - a for a, b in mine if b <= stop), todo)
             return path.name
 
-        names = [step(f"shard {a}-{b}", write_shard, a, b) for a, b in ranges]
-        for name in names:
+        for a, b in mine:
+            step(f"shard {a}-{b}", write_shard, a, b)
+        world.barrier()  # every process's shards are sealed in the folder
+        if not main:
+            return None
+        for a, b in ranges:
+            name = shard_name(a, b)
+            if recorded_digest(work / name) is None:
+                raise ArtifactError(f"{work / name} is missing or unsealed after every process finished; rerun sample "
+                                    "to draw it again")
             shutil.copyfile(work / name, out.path(name))
             if sha256_file(out.path(name)) != recorded_digest(work / name):
                 raise ArtifactError(f"{work / name} changed after it was sealed (corrupted); rerun sample to draw it again")
-        out.extra["synthetic"] = {"count": p.n, "shape": list(shape), "shards": len(names)}
+        out.extra["synthetic"] = {"count": p.n, "shape": list(shape), "shards": len(ranges)}
+        if world.size > 1:
+            out.extra["distributed"] = {"processes": world.size, "backend": world.backend}
     return out.manifest
 
 

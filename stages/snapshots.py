@@ -25,6 +25,7 @@ from models.errors import NonFiniteError
 from models.training import fit, non_finite
 from stages.artifacts import atomic_file, seal, sealed, sha256_bytes, unseal
 from stages.common import WORK, log
+from stages.distributed import World
 
 META_KEY = "neon-snapshot"
 KEEP = 2  # the newest snapshots kept; the older one covers a newest one that turns out corrupted
@@ -110,17 +111,35 @@ def _load(path: Path) -> dict:
     return _decode(meta, tensors)
 
 
-def resumable_fit(stage: str, folder: Path, snapshot_every: int, model: nn.Module, *args, **kwargs) -> nn.Module:
+def resumable_fit(stage: str, folder: Path, snapshot_every: int, model: nn.Module, *args,
+                  world: World | None = None, **kwargs) -> nn.Module:
     """`models.training.fit` resumed from the newest trusted snapshot in `folder`, writing one every
     `snapshot_every` steps. A NaN/inf (in the loss, a snapshot's weights or the trained model) stops the
-    stage naming it and drops the snapshots: a rerun with the same params would only hit it again."""
+    stage naming it and drops the snapshots: a rerun with the same params would only hit it again.
+
+    Under torchrun (`world` of several processes) every process resumes from the same snapshot (process 0
+    picks it, dropping corrupted ones, before the others read it) and only process 0 writes snapshots."""
     snaps = Snapshots(folder, stage)
+    main = world is None or world.is_main
     try:
-        trained = fit(model, *args, resume=snaps.latest(), snapshot_every=snapshot_every, on_snapshot=snaps.write,
-                      **kwargs)
+        if main:
+            resume = snaps.latest()
+        if world is not None:
+            world.barrier()
+        if not main:
+            resume = snaps.latest()
+        if world is not None and world.size > 1:
+            kwargs["parallel"] = world.parallel()
+        trained = fit(model, *args, resume=resume, snapshot_every=snapshot_every,
+                      on_snapshot=snaps.write if main else _skip, **kwargs)
         if bad := non_finite(trained.state_dict()):
             raise NonFiniteError(f"the trained model's tensor `{bad}` holds NaN or inf; lower the learning rate")
     except NonFiniteError as exc:
-        snaps.remove()
+        if main:
+            snaps.remove()
         raise NonFiniteError(f"stage {stage}: {exc} ({stage}.lr)") from None
     return trained
+
+
+def _skip(state: dict) -> None:
+    """Processes other than 0 take part in gathering a snapshot's state but write nothing."""

@@ -2,11 +2,13 @@
 started once per session in temporary folders and stopped by PID."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
@@ -47,7 +49,8 @@ def prefect_api(tmp_path_factory):
 def project(tmp_path_factory, s3_store, prefect_api):
     """A copy of the repository (a git repo of its own) with the tiny preset, wired to the test store."""
     root = tmp_path_factory.mktemp("project")
-    tracked = run(["git", "ls-files"], REPO, dict(os.environ)).stdout.split()
+    # tracked files and new ones not yet committed (not the ignored): the working tree under test
+    tracked = run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], REPO, dict(os.environ)).stdout.split()
     for name in tracked:
         if (REPO / name).is_file():
             (root / name).parent.mkdir(parents=True, exist_ok=True)
@@ -103,9 +106,51 @@ def restored(root: Path, env: dict[str, str]):
         run(["dvc", "checkout", "--force", "--quiet"], root, env)
 
 
+class Reproduced(tuple):
+    """(root, env, stdout of the first `dvc repro`), plus `scheduled`: what the deployment run reported (its
+    id, state, child stage runs and result), `origin`: the project's bare git remote, `worker_log`."""
+
+
 @pytest.fixture(scope="session")
-def reproduced(project):
+def reproduced(project, tmp_path_factory):
+    """The tiny pipeline's first run, made the way the schedule makes it: `neon schedule apply` registers
+    prefect.yaml's deployment on the session's Prefect server, `neon schedule worker` polls its pool, and
+    `neon schedule run --wait` triggers it. The run pulls (git from the project's bare remote, DVC from the
+    store), runs `dvc repro`, pushes, and commits dvc.lock + results/ to the remote's branch neon/results."""
     root, env = project
-    first = run(["dvc", "repro"], root, env)
-    run(["dvc", "push"], root, env)
-    return root, env, first.stdout
+    origin = tmp_path_factory.mktemp("origin") / "neon.git"
+    run(["git", "clone", "--quiet", "--bare", str(root), str(origin)], root, env)
+    branch = run(["git", "rev-parse", "--abbrev-ref", "HEAD"], root, env).stdout.strip()
+    run(["git", "remote", "add", "origin", str(origin)], root, env)
+    run(["git", "fetch", "--quiet", "origin"], root, env)
+    run(["git", "branch", "--quiet", f"--set-upstream-to=origin/{branch}"], root, env)
+    log = tmp_path_factory.mktemp("worker") / "worker.log"
+    with open(log, "ab") as out:  # polls every second; commits the run's record to origin's neon/results
+        worker = subprocess.Popen(["neon", "schedule", "worker", "--name", "test-worker"], cwd=root, stdout=out,
+                                  stderr=subprocess.STDOUT, start_new_session=True,
+                                  env={**env, "PREFECT_WORKER_QUERY_SECONDS": "1", "NEON_COMMIT_BRANCH": "neon/results"})
+    try:
+        run(["neon", "schedule", "apply"], root, env)
+        scheduled = trigger(root, env, log)
+        result = Reproduced((root, env, scheduled["result"]["repro_output"]))
+        result.scheduled, result.origin, result.worker_log = scheduled, origin, log
+        yield result
+    finally:  # the worker we started, by its process group
+        with suppress(ProcessLookupError):
+            os.killpg(worker.pid, signal.SIGTERM)
+        try:
+            worker.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
+
+
+def trigger(root: Path, env: dict[str, str], worker_log: Path) -> dict:
+    """Run the deployment now through the worker and wait for it; the run's report (`neon schedule run`)."""
+    proc = run(["neon", "schedule", "run", "--wait", "--json", "--timeout", "900"], root, env, check=False)
+    report = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.stdout.strip() else {}
+    if report.get("state") != "COMPLETED" or "result" not in report:
+        raise AssertionError(f"the deployment run ended {report.get('state')}: {report.get('message')} "
+                             f"{report.get('result_error', '')}\n"
+                             f"{proc.stderr[-3000:]}\nworker:\n{worker_log.read_text()[-6000:]}")
+    return report
