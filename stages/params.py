@@ -6,9 +6,7 @@ value and what is allowed (see `ParamsError`).
 from __future__ import annotations
 
 import copy
-import ipaddress
 import math
-import os
 import re
 import reprlib
 import types
@@ -22,6 +20,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationI
 
 from models import family as families
 from models.errors import InputError
+from stages.locations import check_location
 
 PARAMS_FILE = Path("params.yaml")
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -29,7 +28,6 @@ MAX_INT = 2 ** 63 - 1  # torch/numpy take 64-bit integers (seeds, counts); a lar
 MAX_VALUES = 100_000  # values in params.yaml once YAML aliases are expanded (the real file has ~200)
 MAX_DEPTH = 32  # nesting of mappings and lists (the real file: 5)
 BUILTIN_SOURCES = ("mnist", "toy2d", "fashion-mnist")
-PROJECT_FOLDERS = ("artifacts", ".neon", ".git")  # the project's own state: never an input named in params
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".joblib")  # unpickling runs code
 
 
@@ -47,63 +45,9 @@ class Invalid(ValueError):
         return full(self.key), self.explain(full)
 
 
-def _within_project(path: Path, root: Path) -> str | None:
-    """The project folder (artifacts, .neon, .git) that `path` lies in, if any."""
-    def real(p: Path) -> Path:
-        try:
-            return p.resolve()  # symlinks followed: a link into .git/ is inside .git/
-        except (OSError, RuntimeError):  # a symlink loop, a name too long: judge the path as written
-            return Path(os.path.normpath(p.absolute()))
-
-    target = real(root / path)
-    for name in PROJECT_FOLDERS:
-        folder = real(root / name)
-        if target == folder or folder in target.parents:
-            return name
-    return None
-
-
-def _check_location(value: str, info: ValidationInfo, what: str) -> str:
-    """An s3:// URI with a valid bucket and plain key, or a local path that neither climbs with `..` nor
-    points into the project's own artifacts/, .neon/ or .git/. Absolute paths elsewhere are fine."""
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
-        raise ValueError(f"contains a control character; give the {what} as a plain path or s3://bucket/key")
-    if value.startswith("s3://"):
-        bucket, _, key = value[len("s3://"):].partition("/")
-        if not _valid_bucket(bucket):
-            raise ValueError(f"{bucket!r} is not a valid S3 bucket name (3-63 characters of a-z, 0-9, '.' and '-', "
-                             "starting and ending with a letter or digit, not an IP address); fix the URI "
-                             f"(s3://bucket/key) of the {what}")
-        if any(part in (".", "..") for part in key.split("/")):
-            raise ValueError(f"the key has a '.' or '..' component; name the {what} by its plain key "
-                             "(s3://bucket/folder/name)")
-        return value
-    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", value):
-        raise ValueError(f"only s3:// URIs and local paths are supported for the {what}; copy it to S3 or to a "
-                         "local folder and give that")
-    path = Path(value)
-    try:
-        path = path.expanduser()
-    except RuntimeError:  # no home directory to expand `~` to: the path as written
-        pass
-    if ".." in path.parts:
-        raise ValueError(f"has a '..' component; give the {what} without it (an absolute path works for files "
-                         "outside the project)")
-    root = Path((info.context or {}).get("root") or Path.cwd())
-    if inside := _within_project(path, root):
-        raise ValueError(f"points into the project's own {inside}/ (pipeline state, not an input); give your own "
-                         f"{what} outside {inside}/")
-    return value
-
-
-def _valid_bucket(name: str) -> bool:
-    if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", name) or ".." in name or ".-" in name or "-." in name:
-        return False
-    try:
-        ipaddress.IPv4Address(name)
-        return False
-    except ValueError:
-        return True
+def _root(info: ValidationInfo) -> Path:
+    """The folder relative locations are read from: `parse`'s root, else the current directory."""
+    return Path((info.context or {}).get("root") or Path.cwd())
 
 
 def _check_sigmas(settings: BaseModel, prefix: str = "") -> None:
@@ -128,7 +72,7 @@ class DataParams(Section):
     @field_validator("source")
     @classmethod
     def _location(cls, v: str, info: ValidationInfo) -> str:
-        return v if v in BUILTIN_SOURCES else _check_location(v, info, "data location")
+        return v if v in BUILTIN_SOURCES else check_location(v, _root(info), "data location")
 
 
 class ModelBase(Section):
@@ -214,7 +158,7 @@ class ReferenceParams(Section):
     @field_validator("stats")
     @classmethod
     def _location(cls, v: str, info: ValidationInfo) -> str:
-        return v and _check_location(v, info, "statistics file")
+        return v and check_location(v, _root(info), "statistics file")
 
 
 class BaseParams(Section):
@@ -231,7 +175,7 @@ class BaseParams(Section):
                              "trusted environment: `safetensors.torch.save_file(torch.load(p, weights_only=True), "
                              "'model.safetensors')` and point base.checkpoint at that")
         try:
-            return _check_location(v, info, "checkpoint")
+            return check_location(v, _root(info), "checkpoint")
         except ValueError as exc:
             if "artifacts/" in str(exc):
                 raise ValueError(f"{exc}; leave base.checkpoint \"\" to use the base that stage train makes") from None
