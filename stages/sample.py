@@ -75,7 +75,8 @@ def run(p: SampleParams, model_p: ModelParams, step=None) -> dict | None:
         shape = tuple(config["image_shape"])
         ranges = shard_ranges(p.n, p.shard_size)
         mine = ranges[world.rank::world.size]
-        done = sum(_complete(work / shard_name(a, b)) for a, b in mine)
+        kept = {(a, b) for a, b in mine if _complete(work / shard_name(a, b))}  # each shard hashed once
+        done = len(kept)
         who = f" (process {world.rank} of {world.size})" if world.size > 1 else ""
         log(f"[sample{who}] {p.n} images in {len(ranges)} shards ({done} already complete in {work}"
             f"{f'; this process draws {len(mine)}' if world.size > 1 else ''}) on {device_name(dev)}, "
@@ -85,7 +86,7 @@ def run(p: SampleParams, model_p: ModelParams, step=None) -> dict | None:
 
         def write_shard(start: int, stop: int) -> str:
             path = work / shard_name(start, stop)
-            if not _complete(path):
+            if (start, stop) not in kept:
                 labels = class_labels(range(start, stop), model_p.label_dim)
                 images = generate(model, fam, settings, shape, list(range(p.seed + start, p.seed + stop)),
                                   p.batch_size, labels=labels, device=dev)
