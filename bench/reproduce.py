@@ -78,7 +78,7 @@ def run_family(label: str, p: params.Params, shared: Path, base_from: Path | Non
     os.chdir(workdir)
     stages = [("train", lambda: train.run(p.model, p.train, p.base)), ("fetch", lambda: fetch.run(p.base, p.model)),
               ("sample", lambda: sample.run(p.sample, p.model)), ("finetune", lambda: finetune.run(p.finetune, p.model)),
-              ("merge", lambda: merge.run(p.merge)), ("evaluate", lambda: evaluate.run(p.evaluate, p.sample, p.model))]
+              ("evaluate", lambda: evaluate.run(p.evaluate, p.sample, p.model, p.merge)), ("merge", lambda: merge.run(p.merge))]
     times = {}
     if base_from is not None:
         stages, times["train"] = stages[1:], f"reused ({base_from.name})"

@@ -41,8 +41,9 @@ RUNNERS = {
     "fetch": ("stages.fetch", lambda m, p: m.run(p.base, p.model)),
     "sample": ("stages.sample", lambda m, p: m.run(p.sample, p.model, step=task_step)),
     "finetune": ("stages.finetune", lambda m, p: m.run(p.finetune, p.model)),
+    "evaluate": ("stages.evaluate", lambda m, p: publish_report(m.run(p.evaluate, p.sample, p.model, p.merge,
+                                                                       step=task_step))),
     "merge": ("stages.merge", lambda m, p: m.run(p.merge)),
-    "evaluate": ("stages.evaluate", lambda m, p: publish_report(m.run(p.evaluate, p.sample, p.model, step=task_step))),
 }
 # The stages that share their work among processes started by torchrun (`stages.distributed`).
 DISTRIBUTED = ("sample", "train", "finetune")

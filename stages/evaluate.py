@@ -1,8 +1,10 @@
 """Stage `evaluate`: how good is each model, how sure are we, and which w is best.
 
-1. Sweep: the base (w = 0) and every merged checkpoint, FID/KID/precision/recall in the primary space
+1. Sweep: the base (w = 0) and every w of `merge.weights`, FID/KID/precision/recall in the primary space
    (the classifier's features for images; the raw coordinates, i.e. closed-form FID, for 2D points).
-2. Refine: golden-section search for w inside the sweep's best bracket (merged in memory).
+2. Refine: golden-section search for w inside the sweep's best bracket.
+Every candidate is merged in memory from the base and the self-trained checkpoint, never written: the
+`merge` stage, after this one, writes the model at the chosen w.
 3. Confirm: base and best w on `seeds` fresh sample seeds, in every feature space; a bootstrap
    interval for the primary FID. Base and Neon share the seeds of each run (common random numbers),
    so the verdict is a paired t interval over the runs: "improved" only when it lies above zero.
@@ -25,12 +27,11 @@ from models.merge import merge
 from models.sampling import class_labels, generate
 from stages import code, report
 from stages.artifacts import ArtifactError, artifact, atomic_file, input_ref, read_manifest, seal, sealed, sha256_bytes
-from stages.common import (BASE, DATA, EVALUATE, MERGED, MODEL_FILE, REFERENCE, RESULTS, SELFTRAINED, SYNTHETIC,
+from stages.common import (BASE, DATA, EVALUATE, MODEL_FILE, REFERENCE, RESULTS, SELFTRAINED, SYNTHETIC,
                            WORK, StageError,
                            device, device_name, load_images, log, progress, save_images)
-from stages.merge import merged_name
 from stages.model_config import load
-from stages.params import EvaluateParams, ModelParams, SampleParams, sampler_settings
+from stages.params import EvaluateParams, MergeParams, ModelParams, SampleParams, sampler_settings
 from stages.reference import load_spaces
 from stages.wsearch import bracket, golden_section, quadratic_argmin
 
@@ -62,10 +63,9 @@ def cached(path: Path) -> bool:
     return bool(state)
 
 
-def run(p: EvaluateParams, sample_p: SampleParams, model_p: ModelParams, step=None) -> dict:
+def run(p: EvaluateParams, sample_p: SampleParams, model_p: ModelParams, merge_p: MergeParams, step=None) -> dict:
     step = step or (lambda name, fn, *args: fn(*args))
-    inputs = {"base": input_ref(BASE), "selftrained": input_ref(SELFTRAINED), "merged": input_ref(MERGED),
-              "reference": input_ref(REFERENCE)}
+    inputs = {"base": input_ref(BASE), "selftrained": input_ref(SELFTRAINED), "reference": input_ref(REFERENCE)}
     spaces = load_spaces()
     _check(p, spaces)
     dev = device()
@@ -77,7 +77,7 @@ def run(p: EvaluateParams, sample_p: SampleParams, model_p: ModelParams, step=No
     g0 = getattr(base_settings, "guidance", 1.0)
     base_state, _ = checkpoint.read(BASE / MODEL_FILE)
     selftrained_state, _ = checkpoint.read(SELFTRAINED / MODEL_FILE)
-    grid_ws = list(read_manifest(MERGED)["params"]["weights"])
+    grid_ws = list(merge_p.weights)
     # Everything a measurement reads, code included: a fix to a sampler or a metric is never answered
     # from the cache for one model while another is measured with the new code.
     settings_key = json.dumps([model_p.family, model_p.label_dim, base_settings.model_dump(),
@@ -88,8 +88,6 @@ def run(p: EvaluateParams, sample_p: SampleParams, model_p: ModelParams, step=No
     def state_for(w: float):
         if w == 0:
             return base_state
-        if w in grid_ws:  # the shipped artifact itself
-            return checkpoint.read(MERGED / merged_name(w))[0]
         return merge(base_state, selftrained_state, w, other_name=str(SELFTRAINED / MODEL_FILE))
 
     def measure(w: float, seed_run: int, n_by_space: dict[str, int], bootstrap: int = 0, guidance: float = g0) -> dict:
@@ -126,7 +124,8 @@ def run(p: EvaluateParams, sample_p: SampleParams, model_p: ModelParams, step=No
         return result
 
     clf_only = {primary: p.n}
-    with artifact(EVALUATE, "evaluate", {"evaluate": p.model_dump(), "sampler": {model_p.family: base_settings.model_dump()}},
+    with artifact(EVALUATE, "evaluate", {"evaluate": p.model_dump(), "merge.weights": grid_ws,
+                                         "sampler": {model_p.family: base_settings.model_dump()}},
                   inputs=inputs, device=device_name(dev)) as out:
         guidances = sorted({g0, *p.guidance}) if guided else [g0]
         sweep = [step(f"sweep w={w:g} g={g:g}", measure, w, 0, clf_only, 0, g) for g in guidances for w in [0.0] + grid_ws]
@@ -206,6 +205,5 @@ def _lineage_summary(inputs: dict) -> list[tuple[str, str]]:
     return [("base checkpoint", f"{base['checkpoint']['source']} (sha256 {base['checkpoint']['sha256'][:16]}…)"),
             ("synthetic set", f"artifacts/synthetic (digest {read_manifest(SYNTHETIC)['digest'][:16]}…)"),
             ("self-trained", f"artifacts/selftrained (digest {inputs['selftrained']['digest'][:16]}…)"),
-            ("merged", f"artifacts/merged (digest {inputs['merged']['digest'][:16]}…)"),
             ("reference", f"artifacts/reference (digest {inputs['reference']['digest'][:16]}…)"),
             ("code", f"{base['code']['git_commit']}{' (dirty)' if base['code']['dirty'] else ''}")]

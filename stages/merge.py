@@ -1,12 +1,18 @@
-"""Stage `merge`: theta_w = theta_base - w * (theta_s - theta_base) for every w in `merge.weights`."""
+"""Stage `merge`: the Neon model theta_w = theta_base - w * (theta_s - theta_base), written once.
+
+It runs after `evaluate`, which searched w with every candidate merged in memory: the model it writes
+is at the evaluation's best w (`merge.w: best`) or at a w the user names. `merge.keep_sweep` also
+writes one checkpoint per sweep weight; every output comes from the same single pass over the inputs.
+"""
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING
 
 from models import checkpoint
 from models.merge import merge
 from stages.artifacts import artifact, input_ref, read_manifest
-from stages.common import BASE, MERGED, MODEL_FILE, SELFTRAINED, log
+from stages.common import BASE, EVALUATE, MERGED, MODEL_FILE, SELFTRAINED, log
 
 if TYPE_CHECKING:  # annotations only: validating params (all families' schemas) is the entry point's job
     from stages.params import MergeParams
@@ -16,16 +22,41 @@ def merged_name(w: float) -> str:
     return f"w={w:g}.safetensors"
 
 
+def chosen(p: MergeParams, evaluation: dict) -> tuple[float, str]:
+    """(w, why): the evaluation's best w, or the one `merge.w` names."""
+    if p.w == "best":
+        return float(evaluation["best_w"]), "best w of the evaluation"
+    return float(p.w), "merge.w"
+
+
 def run(p: MergeParams) -> dict:
-    inputs = {"base": input_ref(BASE), "selftrained": input_ref(SELFTRAINED)}
-    base, _ = checkpoint.read(BASE / MODEL_FILE)
+    inputs = {"base": input_ref(BASE), "selftrained": input_ref(SELFTRAINED), "evaluate": input_ref(EVALUATE)}
+    evaluation = json.loads((EVALUATE / "evaluation.json").read_text())
+    w, why = chosen(p, evaluation)
     described = read_manifest(BASE)["checkpoint"]["config"]  # also set for plain state dicts
+    targets = {MODEL_FILE: w, **({merged_name(x): x for x in p.weights} if p.keep_sweep else {})}
+    provenance = {"base_digest": inputs["base"]["digest"], "selftrained_digest": inputs["selftrained"]["digest"]}
+    base, _ = checkpoint.read(BASE / MODEL_FILE)
     selftrained, _ = checkpoint.read(SELFTRAINED / MODEL_FILE)
     with artifact(MERGED, "merge", p.model_dump(), inputs=inputs) as out:
-        for w in p.weights:
-            merged = merge(base, selftrained, w, method="neon", other_name=str(SELFTRAINED / MODEL_FILE))
-            meta = {"neon_w": repr(w), "base_digest": inputs["base"]["digest"],
-                    "selftrained_digest": inputs["selftrained"]["digest"]}
-            checkpoint.save(out.path(merged_name(w)), merged, described["family"], described["config"], extra=meta)
-            log(f"[merge] w = {w:g} -> {MERGED / merged_name(w)}")
+        for name, x in targets.items():
+            merged = merge(base, selftrained, x, method="neon", other_name=str(SELFTRAINED / MODEL_FILE))
+            checkpoint.save(out.path(name), merged, described["family"], described["config"],
+                            extra={"neon_w": repr(x), **provenance})
+        out.extra["neon"] = _summary(w, why, evaluation)
+    if w == 0:
+        log("[merge] the evaluation found no w better than the base: the Neon model is the base itself (w = 0)")
+    log(f"[merge] w = {w:g} ({why}) -> {MERGED / MODEL_FILE}"
+        + (f"; sweep checkpoints: {', '.join(n for n in targets if n != MODEL_FILE)}" if p.keep_sweep else ""))
     return out.manifest
+
+
+def _summary(w: float, why: str, evaluation: dict) -> dict:
+    """What a user of the model asks first: its w, why that w, how to sample it, what it scored."""
+    primary = evaluation["primary_space"]
+    confirm = evaluation["confirm"][primary]
+    at_best = w == evaluation["best_w"]
+    return {"w": w, "chosen_by": why, "guidance": evaluation["best_guidance"] if at_best else evaluation["base_guidance"],
+            "fid_space": primary,
+            "fid_base": confirm["base"]["fid_mean"], "fid_neon": confirm["neon"]["fid_mean"] if at_best else None,
+            "verdict": confirm["gain"]["verdict"] if at_best else None, "seed_runs": evaluation["seeds"]}

@@ -214,7 +214,17 @@ class FinetuneParams(Section):
 
 
 class MergeParams(Section):
-    weights: Annotated[list[float], Field(min_length=1)] = [0.5, 1.0, 1.5]  # extrapolation weights w
+    # w in theta_base - w * (theta_s - theta_base) that evaluate sweeps (merged in memory) before refining
+    weights: Annotated[list[float], Field(min_length=1)] = [0.5, 1.0, 1.5]
+    w: float | Literal["best"] = "best"  # the Neon model's w: `best` = the evaluation's best w, or a number
+    keep_sweep: bool = False  # also write a full checkpoint per sweep weight (w=<w>.safetensors), in the same pass
+
+    @field_validator("w")
+    @classmethod
+    def _finite_w(cls, v):
+        if v != "best" and (v != v or abs(v) == float("inf")):
+            raise ValueError("must be `best` or a finite number")
+        return v
 
     @field_validator("weights")
     @classmethod

@@ -71,15 +71,16 @@ def project(tmp_path_factory, s3_store, prefect_api):
     return root, env
 
 
-def run_stages(p: params.Params, last: str = "evaluate") -> None:
+def run_stages(p: params.Params, last: str = "merge") -> None:
     """The stage functions `dvc repro` runs, in order, in the current folder, through `last`."""
     from stages import data, evaluate, fetch, finetune, merge, reference, sample, train
 
     for name, step in [("data", lambda: data.run(p.data)), ("reference", lambda: reference.run(p.reference)),
                        ("train", lambda: train.run(p.model, p.train, p.base)), ("fetch", lambda: fetch.run(p.base, p.model)),
                        ("sample", lambda: sample.run(p.sample, p.model)),
-                       ("finetune", lambda: finetune.run(p.finetune, p.model)), ("merge", lambda: merge.run(p.merge)),
-                       ("evaluate", lambda: evaluate.run(p.evaluate, p.sample, p.model))]:
+                       ("finetune", lambda: finetune.run(p.finetune, p.model)),
+                       ("evaluate", lambda: evaluate.run(p.evaluate, p.sample, p.model, p.merge)),
+                       ("merge", lambda: merge.run(p.merge))]:
         step()
         if name == last:
             return

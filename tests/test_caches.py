@@ -23,17 +23,17 @@ def tiny(**changes) -> params.Params:
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    """The stages up to merge, run in-process in a folder of their own."""
+    """The stages up to finetune, run in-process in a folder of their own."""
     folder = tmp_path_factory.mktemp("caches")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(folder)
-        run_stages(tiny(), last="merge")
+        run_stages(tiny(), last="finetune")
     return folder
 
 
 def evaluate_lines(p: params.Params, capsys) -> tuple[list[str], dict]:
     """The sweep's measurement lines (seed run 0: one per model, none repeated within a run) and the result."""
-    evaluate.run(p.evaluate, p.sample, p.model)
+    evaluate.run(p.evaluate, p.sample, p.model, p.merge)
     lines = [line for line in capsys.readouterr().out.splitlines()
              if line.startswith("[evaluate] w = ") and "seed run 0:" in line]
     return lines, json.loads(open("artifacts/evaluate/evaluation.json").read())

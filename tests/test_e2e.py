@@ -20,7 +20,7 @@ def stages_ran(output: str) -> list[str]:
 
 def test_repro_runs_every_stage_and_writes_metrics(reproduced):
     root, _, out = reproduced
-    assert stages_ran(out) == ["data", "reference", "train", "fetch", "sample", "finetune", "merge", "evaluate"]
+    assert stages_ran(out) == ["data", "reference", "train", "fetch", "sample", "finetune", "evaluate", "merge"]
     metrics = json.loads((root / "results" / "metrics.json").read_text())
     assert set(metrics) == {"best_w", "classifier", "inception"}
     for space in ("classifier", "inception"):
@@ -73,7 +73,7 @@ def test_artifacts_are_in_the_bucket_with_version_ids(reproduced, s3_store):
     local = {p.relative_to(root).as_posix() for p in (root / "artifacts").rglob("*") if p.is_file()}
     remote = {key.split("/dvc/", 1)[1]: key for key in fs.find(f"{s3_store.bucket}/dvc")}
     assert local <= set(remote), f"not pushed: {sorted(local - set(remote))[:5]}"
-    versions = fs.object_version_info(remote["artifacts/merged/w=1.safetensors"])
+    versions = fs.object_version_info(remote["artifacts/merged/model.safetensors"])
     assert versions and all(v["VersionId"] for v in versions)
     lock = yaml.safe_load((root / "dvc.lock").read_text())
     merged = lock["stages"]["merge"]["outs"][0]["files"]
@@ -85,7 +85,7 @@ def test_lineage_of_merged_checkpoint_names_base_synthetic_and_commit(reproduced
     base = json.loads((root / "artifacts/base/manifest.json").read_text())
     synthetic = json.loads((root / "artifacts/synthetic/manifest.json").read_text())
     commit = run(["git", "rev-parse", "HEAD"], root, env).stdout.strip()
-    for target in ("artifacts/merged/w=1.safetensors", "s3://neon/dvc/artifacts/merged/w=1.safetensors"):
+    for target in ("artifacts/merged/model.safetensors", "s3://neon/dvc/artifacts/merged/model.safetensors"):
         out = run(["neon", "lineage", target], root, env).stdout
         assert base["checkpoint"]["sha256"] in out
         assert synthetic["digest"][:16] in out
@@ -114,13 +114,13 @@ def test_dvc_tracks_only_the_active_family_params(reproduced):
         (root / "params.yaml").write_text(old)
 
 
-def test_changing_a_merge_param_reruns_only_merge_and_evaluate(reproduced):
+def test_changing_the_sweep_reruns_only_evaluate_and_merge(reproduced):
     root, env, _ = reproduced
     with restored(root, env):
         set_params(root, **{"merge.weights": [0.5, 1.0, 1.5]})
         proc = run(["dvc", "repro"], root, env)
         out = proc.stdout + proc.stderr
-        assert stages_ran(out) == ["merge", "evaluate"]
+        assert stages_ran(out) == ["evaluate", "merge"]
         assert "w = 0.5, seed run 0: cached" in out and "w = 1, seed run 0: cached" in out  # reused per w
 
 

@@ -71,7 +71,6 @@ def check_outputs(p, root, result) -> None:
     import torch
 
     from models import checkpoint
-    from stages.merge import merged_name
     from stages.sample import load_synthetic
 
     images, _ = load_synthetic()  # the test runs in `root`
@@ -80,11 +79,12 @@ def check_outputs(p, root, result) -> None:
     base, _ = checkpoint.read(root / "artifacts/base/model.safetensors")
     tuned, _ = checkpoint.read(root / "artifacts/selftrained/model.safetensors")
     assert any(not torch.equal(base[k], tuned[k]) for k in base), "fine-tuning changed no weight"
-    for w in p.merge.weights:
-        merged, _ = checkpoint.read(root / "artifacts/merged" / merged_name(w))
-        for k, b in base.items():
-            if b.is_floating_point():
-                torch.testing.assert_close(merged[k], b - w * (tuned[k] - b), rtol=1e-5, atol=1e-6)
+    merged, meta = checkpoint.read(root / "artifacts/merged/model.safetensors")
+    w = float(meta["neon_w"])
+    assert w == result["best_w"]  # merge.w: best
+    for k, b in base.items():
+        if b.is_floating_point():
+            torch.testing.assert_close(merged[k], b - w * (tuned[k] - b), rtol=1e-5, atol=1e-6)
     primary = result["primary_space"]
     sweep = {r["w"]: r["fid"] for r in result["sweep"] if r["stage"] == "sweep"}
     assert set(sweep) == {0.0, *p.merge.weights}

@@ -14,7 +14,7 @@ from tests.conftest import BIN, restored, run, set_params
 
 pytestmark = pytest.mark.e2e
 
-MERGED_W1 = "s3://neon/dvc/artifacts/merged/w=1.safetensors"
+MERGED_W1 = "s3://neon/dvc/artifacts/merged/model.safetensors"
 
 
 def _sha(data: bytes) -> str:
@@ -157,15 +157,15 @@ def test_lineage_of_the_first_of_two_pushed_runs_by_version_id(reproduced, fs):
     run(["dvc", "push"], root, env)  # earlier tests may have restored a dvc.lock without the version ids
     first = _locked_versions(root)
     first_selftrained = json.loads((root / "artifacts/selftrained/manifest.json").read_text())["digest"]
-    uri = f"{MERGED_W1}?versionId={first['artifacts/merged/w=1.safetensors']}"
+    uri = f"{MERGED_W1}?versionId={first['artifacts/merged/model.safetensors']}"
     try:
         with restored(root, env):
             set_params(root, **{"finetune.seed": 2})  # new self-trained and merged weights (sample is reused)
             run(["dvc", "repro", "merge"], root, env)
             run(["dvc", "push"], root, env)
             second_selftrained = json.loads((root / "artifacts/selftrained/manifest.json").read_text())["digest"]
-            second = _locked_versions(root)["artifacts/merged/w=1.safetensors"]
-        assert second_selftrained != first_selftrained and second != first["artifacts/merged/w=1.safetensors"]
+            second = _locked_versions(root)["artifacts/merged/model.safetensors"]
+        assert second_selftrained != first_selftrained and second != first["artifacts/merged/model.safetensors"]
 
         older = run(["neon", "lineage", uri], root, env).stdout
         assert first_selftrained[:16] in older and second_selftrained[:16] not in older

@@ -15,7 +15,7 @@ from tests.conftest import run, trigger
 
 pytestmark = pytest.mark.e2e
 
-STAGES = ["data", "reference", "train", "fetch", "sample", "finetune", "merge", "evaluate"]
+STAGES = ["data", "reference", "train", "fetch", "sample", "finetune", "evaluate", "merge"]
 
 # What the Prefect client reads back about a run: its deployment, and its child flow runs with the tracking
 # task runs the parent holds for them.
