@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: venv demo test store-down clean
+.PHONY: venv demo test store-down clean gpu-wheels
 venv: $(VENV)/.installed
 
 # Exact versions first (requirements.lock), then the project itself without re-resolving.
@@ -34,3 +34,16 @@ store-down:
 
 clean: store-down
 	rm -rf artifacts .neon results dvc.lock
+
+# The wheels bench/gpu.sh installs on an offline GPU machine whose python has torch but not these
+# (../shared/measurements/gpu-machine.md): pure-Python ones once, compiled ones per CPython 3.10-3.14.
+GPU_PURE := pydantic==2.14.4 annotated-types==0.8.0 typing-inspection==0.4.5 clean-fid==0.1.35 mlxtend==0.25.0 \
+	pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 pygments==2.21.0 typing_extensions==4.16.0
+gpu-wheels: venv
+	mkdir -p bench/wheels
+	$(BIN)/pip download --quiet --no-deps --dest bench/wheels $(GPU_PURE)
+	for v in 3.10 3.11 3.12 3.13 3.14; do \
+	  $(BIN)/pip download --quiet --no-deps --only-binary=:all: --python-version $$v --dest bench/wheels \
+	    --platform manylinux2014_x86_64 pydantic_core==2.50.5 && \
+	  $(BIN)/pip download --quiet --no-deps --only-binary=:all: --python-version $$v --dest bench/wheels \
+	    --platform manylinux_2_28_x86_64 torchvision==0.26.0; done

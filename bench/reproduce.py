@@ -5,6 +5,7 @@
     python bench/reproduce.py --families edm --controls-only   # only the control, on edm's trained base
     python bench/reproduce.py --families edm --data fashion-mnist --no-toys
     python bench/reproduce.py --toys-only
+    python bench/reproduce.py --families flow edm --params bench/gpu_params.yaml --results bench/results/gpu
 
 For each image family it runs the pipeline's stages (the same functions `dvc repro` runs) with
 params.yaml plus `model.family=<f>`, in its own folder under bench/runs/, and reports base and Neon
@@ -30,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from models import metrics, toy_check  # noqa: E402
-from stages import data, evaluate, fetch, finetune, merge, params, reference, sample, train  # noqa: E402
+from stages import common, data, evaluate, fetch, finetune, merge, params, reference, sample, train  # noqa: E402
 
 RUNS, RESULTS = ROOT / "bench" / "runs", ROOT / "bench" / "results"
 IMAGE_FAMILIES = ["edm", "flow", "consistency", "ar", "diffusers"]
@@ -90,7 +91,8 @@ def run_family(label: str, p: params.Params, shared: Path, base_from: Path | Non
     os.chdir(ROOT)
     return {"label": label, "data": p.data.source, "family": p.model.family, "sampler": p.sample.sampler.for_family(p.model.family).model_dump(),
             "synthetic_n": p.sample.n, "finetune_images": p.finetune.steps * p.finetune.batch_size,
-            "base_images": p.train.steps * p.train.batch_size, "times_s": times, "evaluation": result}
+            "base_images": p.train.steps * p.train.batch_size, "times_s": times, "evaluation": result,
+            "device": common.device_name(common.device()), "date": time.strftime("%Y-%m-%d")}
 
 
 def prepare_shared(p: params.Params, name: str) -> Path:
@@ -204,13 +206,16 @@ def main() -> None:
     ap.add_argument("--no-toys", action="store_true")
     ap.add_argument("--no-controls", action="store_true")
     ap.add_argument("--controls-only", action="store_true", help="reuse each family's trained base from bench/runs/")
+    ap.add_argument("--params", type=Path, help="a YAML map of dotted overrides applied on top of params.yaml")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="the folder for results.json/.md and the figure")
     ap.add_argument("--reuse-base", action="store_true",
                     help="keep each run's trained base from its last run (when only sampling, fine-tune or merge params changed)")
     args = ap.parse_args()
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    results = args.results.resolve()
+    results.mkdir(parents=True, exist_ok=True)
     command = "python bench/reproduce.py " + " ".join(sys.argv[1:])
     # Each invocation replaces its own rows and keeps the others, so separate commands build one table.
-    old = json.loads((RESULTS / "results.json").read_text()) if (RESULTS / "results.json").exists() else {}
+    old = json.loads((results / "results.json").read_text()) if (results / "results.json").exists() else {}
     report = {"commands": sorted({*old.get("commands", []), *([] if args.table_only else [command])}),
               "toys": old.get("toys", []), "images": old.get("images", [])}
     if args.table_only:
@@ -219,6 +224,8 @@ def main() -> None:
         report["toys"] = run_toys()
     if not args.toys_only:
         raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+        if args.params:
+            raw = params.with_overrides(raw, yaml.safe_load(args.params.read_text()))
         if args.data:
             raw = params.with_overrides(raw, {"data.source": args.data})
         source = raw.get("data", {}).get("source", "mnist")
@@ -236,15 +243,17 @@ def main() -> None:
             print(f"[bench] {label}: {overrides}", flush=True)
             row = run_family(label, params.parse(params.with_overrides(raw, overrides)), shared, base_from)
             report["images"] = [r for r in report["images"] if r["label"] != label] + [row]
-            (RESULTS / "results.json").write_text(json.dumps(report, indent=1))
-        plot(report["images"], RESULTS / "fid_vs_w.png")
+            (results / "results.json").write_text(json.dumps(report, indent=1))
+        plot(report["images"], results / "fid_vs_w.png")
     lines = ["Regenerate: " + "; ".join(f"`{c}`" for c in report["commands"]), ""]
     if report["toys"]:
         lines += ["### The paper's 2D toy (closed-form FID)", ""] + toy_table(report["toys"]) + [""]
     if report["images"]:
-        lines += ["### Image families", ""] + image_table(report["images"])
-    (RESULTS / "results.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "results.json").write_text(json.dumps(report, indent=1))
+        machines = sorted({f"{r['device']} ({r['date']})" for r in report["images"] if "device" in r})
+        lines += ["### Image families", ""] + ([f"Measured on: {'; '.join(machines)}", ""] if machines else [])
+        lines += image_table(report["images"])
+    (results / "results.md").write_text("\n".join(lines) + "\n")
+    (results / "results.json").write_text(json.dumps(report, indent=1))
     print("\n".join(lines))
 
 

@@ -11,8 +11,6 @@ import shutil
 import tempfile
 from pathlib import Path, PurePosixPath
 
-from botocore.exceptions import BotoCoreError, ClientError
-
 from stages import store
 from models import checkpoint, family as families
 from stages.artifacts import MANIFEST, artifact, directory_digest, input_ref, parse_manifest, sha256_file
@@ -28,6 +26,8 @@ def _is_s3(uri: str) -> bool:
 def _is_folder(source: str) -> bool:
     """A checkpoint folder from another codebase (e.g. diffusers' config.json + weights) rather than one file."""
     if _is_s3(source):
+        from botocore.exceptions import BotoCoreError, ClientError  # only S3 sources need the S3 stack
+
         fs = store.filesystem()
         try:  # an unreachable store is not "not a folder": `access` raises it as one line
             with store.access(fs, f"base.checkpoint {source}"):
@@ -74,6 +74,8 @@ def _verify(source: str, digest: str, want: str) -> None:
 def _download(source: str, dest: Path) -> dict:
     """Copy `source` to `dest`; return what identifies the copy (S3 version id where there is one)."""
     if _is_s3(source):
+        from botocore.exceptions import BotoCoreError, ClientError
+
         fs = store.filesystem()
         key = source[len("s3://"):]
         try:
