@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,10 +89,12 @@ def run_family(label: str, p: params.Params, shared: Path, base_from: Path | Non
         fn()
         times[name] = round(time.monotonic() - t0, 1)
     result = json.loads(Path("artifacts/evaluate/evaluation.json").read_text())
+    measured = pd.read_csv("artifacts/evaluate/measurements.csv").to_dict("records")
     os.chdir(ROOT)
     return {"label": label, "data": p.data.source, "family": p.model.family, "sampler": p.sample.sampler.for_family(p.model.family).model_dump(),
             "synthetic_n": p.sample.n, "finetune_images": p.finetune.steps * p.finetune.batch_size,
             "base_images": p.train.steps * p.train.batch_size, "times_s": times, "evaluation": result,
+            "measurements": measured,
             "device": common.device_name(common.device()), "date": time.strftime("%Y-%m-%d")}
 
 
@@ -108,10 +111,32 @@ def prepare_shared(p: params.Params, name: str) -> Path:
     return shared
 
 
-def fmt_space(ev: dict, space: str) -> tuple[str, str, str]:
-    if space not in ev["confirm"]:
+def measurements(rows: list[dict]) -> pd.DataFrame:
+    """Every run's measurements (the evaluation's measurements.csv), one long table with the run's label."""
+    frames = [pd.DataFrame(r["measurements"]).assign(label=r["label"], device=r.get("device", ""))
+              for r in rows if r.get("measurements")]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def confirmed(table: pd.DataFrame, space: str) -> dict | None:
+    """Base and Neon in one feature space from the confirmation seed runs, as the evaluation summarises them."""
+    runs = table[(table["space"] == space) & table["stage"].str.startswith("confirm ")]
+    if runs.empty:
+        return None
+    per = {label: runs[runs["stage"] == f"confirm {label}"].sort_values("seed_run") for label in ("base", "neon")}
+    out = {label: {"fid_mean": float(r["fid"].mean()), "fid_std": float(r["fid"].std(ddof=1)),
+                   "fid_runs": r["fid"].tolist(), "precision": float(r["precision"].mean()),
+                   "recall": float(r["recall"].mean())} for label, r in per.items()}
+    out["gain"] = metrics.paired_difference(out["base"]["fid_runs"], out["neon"]["fid_runs"])
+    out["relative_gain"] = out["gain"]["mean"] / out["base"]["fid_mean"] if out["base"]["fid_mean"] else 0.0
+    return out
+
+
+def fmt_space(row: dict, space: str) -> tuple[str, str, str]:
+    ev = row["evaluation"]
+    s = confirmed(measurements([row]), space) if row.get("measurements") else ev["confirm"].get(space)
+    if s is None:
         return "–", "–", "–"
-    s = ev["confirm"][space]
     b, n = s["base"], s["neon"]
     fid = f"{b['fid_mean']:.2f} ± {b['fid_std']:.2f} → {n['fid_mean']:.2f} ± {n['fid_std']:.2f}"
     # Rows measured before the paired test (commit f963d7b and earlier) are re-analysed from their stored runs.
@@ -130,8 +155,8 @@ def image_table(rows: list[dict]) -> list[str]:
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ev = r["evaluation"]
-        clf, clf_gain, _ = fmt_space(ev, "classifier")
-        inc, inc_gain, inc_pr = fmt_space(ev, "inception")
+        clf, clf_gain, _ = fmt_space(r, "classifier")
+        inc, inc_gain, inc_pr = fmt_space(r, "inception")
         sampler = ", ".join(f"{k} {v}" for k, v in r["sampler"].items() if k not in NEUTRAL or v != 1.0)
         share = f"{r['finetune_images']:,} ({100 * r['finetune_images'] / r['base_images']:.1f}%)"
         times = " / ".join(f"{k} {v:.0f}" if isinstance(v, float) else f"{k} {v}" for k, v in r["times_s"].items())
@@ -245,6 +270,7 @@ def main() -> None:
             report["images"] = [r for r in report["images"] if r["label"] != label] + [row]
             (results / "results.json").write_text(json.dumps(report, indent=1))
         plot(report["images"], results / "fid_vs_w.png")
+        measurements(report["images"]).to_csv(results / "measurements.csv", index=False)
     lines = ["Regenerate: " + "; ".join(f"`{c}`" for c in report["commands"]), ""]
     if report["toys"]:
         lines += ["### The paper's 2D toy (closed-form FID)", ""] + toy_table(report["toys"]) + [""]

@@ -161,8 +161,10 @@ def run(p: EvaluateParams, sample_p: SampleParams, model_p: ModelParams, merge_p
                              **r[primary]} for r in curve],
                   "confirm": summary, "seeds": p.seeds}
         grids = {label: load_images(CACHE / f"{confirm[label][0]['key']}.npz")[0] for label in confirm}
-        report.write(out, result, grids, p.grid, lineage=_lineage_summary(inputs))
-    for name in ("metrics.json", "fid_vs_w.csv"):  # DVC's metrics and plots (small, kept in git)
+        measured = ([("sweep", r) for r in sweep] + [("refine", r) for r in refined]
+                    + [(f"confirm {label}", r) for label, runs in confirm.items() for r in runs])
+        report.write(out, result, grids, p.grid, lineage=_lineage_summary(inputs), measurements=tidy(measured))
+    for name in ("metrics.json", "fid_vs_w.csv", "measurements.csv"):  # DVC's metrics and plots (small, in git)
         with atomic_file(RESULTS / name) as tmp:
             shutil.copyfile(EVALUATE / name, tmp)
     log((EVALUATE / "report.md").read_text())
@@ -179,6 +181,19 @@ def score(space, feats: np.ndarray, k: int, seed: int) -> dict:
         prec = rec = kid = float("nan")
     return {"n": len(feats), "fid": metrics.fid(feats, space.mu, space.sigma), "kid": kid,
             "precision": prec, "recall": rec}
+
+
+MEASUREMENT_COLUMNS = ["stage", "w", "guidance", "seed_run", "space", "n", "fid", "kid", "precision", "recall"]
+
+
+def tidy(measured: list[tuple[str, dict]]):
+    """Every measurement as one long-format table: a row per (stage, w, guidance, seed run, feature space)."""
+    import pandas as pd
+
+    rows = [{"stage": stage, "w": r["w"], "guidance": r["guidance"], "seed_run": r["seed_run"], "space": space,
+             **{m: r[space][m] for m in ("n", "fid", "kid", "precision", "recall")}}
+            for stage, r in measured for space in r if isinstance(r[space], dict)]
+    return pd.DataFrame(rows, columns=MEASUREMENT_COLUMNS)
 
 
 def summarise(confirm: dict[str, list[dict]], spaces_n: dict[str, int]) -> dict:

@@ -210,13 +210,16 @@ def strict_json(obj):
 
 
 def write(out: ArtifactWriter, result: dict, grids: dict[str, np.ndarray], grid: int,
-          lineage: list[tuple[str, str]]) -> None:
+          lineage: list[tuple[str, str]], measurements=None) -> None:
+    """`measurements`: every measurement as a long-format pandas table, written as measurements.csv."""
     (out.path("evaluation.json")).write_text(json.dumps(strict_json(result), indent=2) + "\n")
     (out.path("metrics.json")).write_text(json.dumps(strict_json(dvc_metrics(result)), indent=2) + "\n")
     with open(out.path("fid_vs_w.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["w", "guidance", "stage", "fid", "kid", "precision", "recall"])
         writer.writeheader()
         writer.writerows({k: r[k] for k in writer.fieldnames} for r in result["sweep"])
+    if measurements is not None:
+        measurements.to_csv(out.path("measurements.csv"), index=False)
     plot_curve(out.path("fid_vs_w.png"), result)
     base, neon = picture(grids["base"], grid), picture(grids["neon"], grid)
     base.save(out.path("grid_base.png"))

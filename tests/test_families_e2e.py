@@ -93,6 +93,7 @@ def check_outputs(p, root, result) -> None:
         runs = result["confirm"][primary][label]["fid_runs"]
         assert len(runs) == p.evaluate.seeds and all(f > 0 for f in runs)
         assert result["confirm"][primary][label]["fid_mean"] == pytest.approx(sum(runs) / len(runs))
+    check_measurements(root, result)
     if result["best_w"] == 0:  # the same model on the same seeds: exactly no difference
         assert result["confirm"][primary]["gain"]["mean"] == 0
 
@@ -160,3 +161,20 @@ def test_diffusers_folder_from_s3_runs_fetch_to_evaluate(reproduced, s3_store, t
         set_params(root, **{"base.sha256": directory_digest(files)})
         proc = run(["dvc", "repro", "fetch"], root, env, check=False)
         assert proc.returncode and "safe_serialization=True" in proc.stdout + proc.stderr
+
+
+def check_measurements(root, result) -> None:
+    """measurements.csv holds every measurement the evaluation made, with the values evaluation.json reports."""
+    import pandas as pd
+
+    table = pd.read_csv(root / "artifacts/evaluate/measurements.csv")
+    primary = result["primary_space"]
+    curve = table[table["stage"].isin(["sweep", "refine"])].sort_values(["guidance", "w"])
+    assert curve["fid"].tolist() == [r["fid"] for r in result["sweep"]]
+    assert (curve["space"] == primary).all() and (curve["seed_run"] == 0).all()
+    for space, summary in result["confirm"].items():
+        for label in ("base", "neon"):
+            runs = table[(table["stage"] == f"confirm {label}") & (table["space"] == space)].sort_values("seed_run")
+            assert runs["fid"].tolist() == summary[label]["fid_runs"]
+            assert runs["seed_run"].tolist() == list(range(1, result["seeds"] + 1))
+    assert not table.duplicated(["stage", "w", "guidance", "seed_run", "space"]).any()
