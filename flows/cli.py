@@ -1,6 +1,8 @@
 """`neon`: what is not a DVC or Prefect command.
 
   neon store up|down|status|ls    the embedded SeaweedFS object store (127.0.0.1 only)
+  neon store env                  its endpoint and local credentials as `export` lines (eval "$(neon store env)")
+  neon store put PATH [S3_URI]    upload your checkpoint or images; prints the params lines that use them
   neon prefect up|down|status     a local Prefect API server that the stages' flows then use
   neon lineage PATH_OR_S3_URI     the chain of artifacts, code and params behind an artifact;
                                   one object version: s3://BUCKET/KEY?versionId=V or --version-id V
@@ -55,8 +57,14 @@ def cmd_store(args) -> int:
             return 1
         for k, v in store.s3_env(info.endpoint).items():
             print(f"export {k}={v}")
+        # The embedded store's own local-only keys (it listens on 127.0.0.1), so that s3fs, `aws s3` and
+        # boto3 in this shell reach it; printed only on request, never logged.
+        for k, v in store.credentials().items():
+            print(f"export {k}={v}")
         # DVC's S3 client (botocore) then retries like the stages' own: bounded, with backoff
         print(f"export AWS_RETRY_MODE=standard AWS_MAX_ATTEMPTS={store.s3_settings()['NEON_S3_RETRIES']}")
+    elif args.action == "put":
+        return _put(state, args)
     else:
         info = store.read_info(state)
         if info is None:
@@ -70,6 +78,41 @@ def cmd_store(args) -> int:
                 for v in fs.object_version_info(key):
                     latest = " (latest)" if v.get("IsLatest") else ""
                     print(f"s3://{info.bucket}/{v['Key']}  version {v['VersionId']}  {v['Size']} B{latest}")
+    return 0
+
+
+def _put(state: Path, args) -> int:
+    """Upload a file (a checkpoint) or a folder (images, a diffusers checkpoint) into the embedded store and
+    print what pins it: the version id, and the sha256 (file) or content digest (folder) that fetch checks."""
+    from stages.artifacts import directory_digest, sha256_file
+
+    info = store.read_info(state)
+    if info is None or not args.paths:
+        print("usage: neon store put PATH [s3://BUCKET/KEY] (with the store up: `neon store up`)", file=sys.stderr)
+        return 1
+    src = Path(args.paths[0])
+    if not src.exists():
+        raise FileNotFoundError(f"{src} does not exist")
+    dest = args.paths[1] if len(args.paths) > 1 else f"s3://{info.bucket}/inputs/{src.name}"
+    if not dest.startswith("s3://"):
+        raise RuntimeError(f"{dest}: the destination must be an s3:// URI")
+    fs = store.filesystem(info.endpoint)
+    key = dest[len("s3://"):].rstrip("/")
+    files = sorted(p for p in src.rglob("*") if p.is_file()) if src.is_dir() else [src]
+    digests = {}
+    for path in files:
+        target = f"{key}/{path.relative_to(src).as_posix()}" if src.is_dir() else key
+        with store.access(fs, f"upload to s3://{target}"):
+            fs.put_file(str(path), target)
+            version = fs.info(target, refresh=True).get("VersionId")
+        digests[path.relative_to(src).as_posix() if src.is_dir() else path.name] = sha256_file(path)
+        print(f"{path} -> s3://{target}  version {version}")
+    if src.is_dir():
+        print(f"folder digest {directory_digest(digests)} ({len(files)} files). Use it as\n"
+              f"  data.source: s3://{key}/        (images: class sub-folders give labels)\n"
+              f"  base.checkpoint: s3://{key}/    (a diffusers UNet2DModel folder)")
+    else:
+        print(f"sha256 {digests[src.name]}. Use it as\n  base.checkpoint: s3://{key}\n  base.sha256: {digests[src.name]}")
     return 0
 
 
@@ -241,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="neon", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("store", help="the embedded S3 object store")
-    p.add_argument("action", choices=["up", "down", "status", "ls", "env"])
+    p.add_argument("action", choices=["up", "down", "status", "ls", "env", "put"])
+    p.add_argument("paths", nargs="*", help="put: PATH (a file or a folder) and optionally the s3:// URI to put it at")
     p.set_defaults(fn=cmd_store)
     p = sub.add_parser("prefect", help="a local Prefect API server for the flows")
     p.add_argument("action", choices=["up", "down", "status"])
