@@ -118,7 +118,7 @@ def sample(model: ConsistencyPrecond, latents: torch.Tensor, settings: Multistep
     """Multistep consistency sampling: jump to data, re-noise to the next level with fresh per-sample noise, jump again."""
     def f(x: torch.Tensor, sigma: float) -> torch.Tensor:
         sig = torch.full((x.shape[0],), sigma, device=x.device)
-        return guided(lambda lab: model(x.to(torch.float32), sig, lab), labels, settings.guidance)
+        return guided(model, x.to(torch.float32), sig, labels, settings.guidance)
 
     x0 = f(latents.to(torch.float64) * model.sigma_max, model.sigma_max)
     for level in renoise_levels(settings):

@@ -147,7 +147,7 @@ def sample(model: DiffusersUNet, latents: torch.Tensor, settings: DDIMSettings, 
     for t in timesteps(settings, sch["num_train_timesteps"], sch["steps_offset"]):
         a, a_prev = abar_all[t], abar_all[t - stride] if t - stride >= 0 else final
         tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-        out = guided(lambda lab: model(x, tt, lab), labels, settings.guidance).to(torch.float32)
+        out = guided(model, x, tt, labels, settings.guidance).to(torch.float32)
         if sch["prediction_type"] == "epsilon":
             x0, eps = (x - (1 - a).sqrt() * out) / a.sqrt(), out
         elif sch["prediction_type"] == "v_prediction":

@@ -74,7 +74,7 @@ def noise_levels(s: HeunSettings, device: torch.device) -> torch.Tensor:
 
 def _denoise(model: nn.Module, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None, guidance: float):
     sig = sigma.expand(x.shape[0]).to(torch.float32)
-    return guided(lambda lab: model(x.to(torch.float32), sig, lab), labels, guidance)
+    return guided(model, x.to(torch.float32), sig, labels, guidance)
 
 
 @torch.no_grad()

@@ -63,7 +63,7 @@ def flow_sample(model: nn.Module, latents: torch.Tensor, settings: FlowSettings,
     """Integrate from t = 1 to t = 0 on a uniform time grid; deterministic given the latents."""
     def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
         tt = torch.full((x.shape[0],), t, device=x.device)
-        return guided(lambda lab: model(x.to(torch.float32), tt, lab), labels, settings.guidance)
+        return guided(model, x.to(torch.float32), tt, labels, settings.guidance)
 
     x = latents.to(torch.float64)
     grid = torch.linspace(1.0, 0.0, settings.num_steps + 1, dtype=torch.float64).tolist()

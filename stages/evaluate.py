@@ -25,7 +25,7 @@ import numpy as np
 from models import checkpoint, metrics
 from models.merge import merge
 from models.sampling import class_labels, generate
-from stages import code, report
+from stages import code, curves, report
 from stages.artifacts import ArtifactError, artifact, atomic_file, input_ref, read_manifest, seal, sealed, sha256_bytes
 from stages.common import (BASE, DATA, EVALUATE, MODEL_FILE, REFERENCE, RESULTS, SELFTRAINED, SYNTHETIC,
                            WORK, StageError,
@@ -110,7 +110,7 @@ def run(p: EvaluateParams, sample_p: SampleParams, model_p: ModelParams, merge_p
         for name, count in n_by_space.items():
             space = spaces[name]
             feats = space.extract(images[:count])
-            result[name] = score(space, feats, p.k, p.seed)
+            result[name] = score(space, feats, p.k, p.seed, dev)
             if bootstrap and name == primary:
                 result[name]["fid_interval"] = metrics.fid_bootstrap(feats, space.mu, space.sigma, bootstrap)
         with atomic_file(CACHE / f"{key}.npz") as tmp:
@@ -163,7 +163,8 @@ def run(p: EvaluateParams, sample_p: SampleParams, model_p: ModelParams, merge_p
         grids = {label: load_images(CACHE / f"{confirm[label][0]['key']}.npz")[0] for label in confirm}
         measured = ([("sweep", r) for r in sweep] + [("refine", r) for r in refined]
                     + [(f"confirm {label}", r) for label, runs in confirm.items() for r in runs])
-        report.write(out, result, grids, p.grid, lineage=_lineage_summary(inputs), measurements=tidy(measured))
+        report.write(out, result, grids, p.grid, lineage=_lineage_summary(inputs), measurements=tidy(measured),
+                     finetune_curve={name: curves.read(curves.folder("finetune"), name) for name in curves.FIGURES})
     for name in ("metrics.json", "fid_vs_w.csv", "measurements.csv"):  # DVC's metrics and plots (small, in git)
         with atomic_file(RESULTS / name) as tmp:
             shutil.copyfile(EVALUATE / name, tmp)
@@ -171,11 +172,11 @@ def run(p: EvaluateParams, sample_p: SampleParams, model_p: ModelParams, merge_p
     return out.manifest
 
 
-def score(space, feats: np.ndarray, k: int, seed: int) -> dict:
-    """FID, KID and precision/recall of generated features in one space."""
+def score(space, feats: np.ndarray, k: int, seed: int, dev=None) -> dict:
+    """FID, KID and precision/recall of generated features in one space (the k-NN distances on `dev`)."""
     if len(space.real):
         real = metrics.real_subset(space.real, len(feats), seed)  # equal counts, every class, same for every model
-        prec, rec = metrics.precision_recall(feats, real, k)
+        prec, rec = metrics.precision_recall(feats, real, k, device=dev)
         kid = metrics.kid(feats, space.real)
     else:  # imported statistics (reference.stats) carry no real features to compare samples with
         prec = rec = kid = float("nan")

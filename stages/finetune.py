@@ -8,7 +8,7 @@ import torch
 from models import checkpoint
 from models.errors import NonFiniteError
 from models.training import non_finite
-from stages import code, distributed, snapshots
+from stages import code, curves, distributed, snapshots
 from stages.artifacts import artifact, input_ref, work_folder
 from stages.common import BASE, MODEL_FILE, SELFTRAINED, SYNTHETIC, device_name, log, progress
 from stages.model_config import load
@@ -46,7 +46,8 @@ def run(p: FinetuneParams, model_p: ModelParams) -> dict | None:
             "finetune", work, p.snapshot_every, model.to(dev), fam.loss(config), images, labels, steps=p.steps,
             batch_size=p.batch_size, lr=p.lr, seed=p.seed, ema_decay=p.ema_decay, optimizer=p.optimizer,
             label_dropout=model_p.label_dropout, null_label=model_p.label_dim,
-            progress=progress("finetune") if main else None, noise_streams=p.noise_streams, world=world)
+            progress=curves.logged("finetune", progress("finetune"), work.name) if main else None,
+            noise_streams=p.noise_streams, world=world, amp=p.amp, compile=p.compile)
         if not main:
             return None
         checkpoint.save(out.path(MODEL_FILE), tuned.state_dict(), model_p.family, config,

@@ -138,6 +138,8 @@ class TrainParams(Section):
     seed: int = 0  # seeds initialisation, batches and noise
     snapshot_every: Annotated[int, Field(ge=0)] = 200  # optimizer steps between resumable training-state snapshots; 0 = none
     noise_streams: PositiveInt = 1  # independent loss-noise streams a global batch is split into; results are the same for any world size that divides it
+    amp: Literal["none", "bf16"] = "none"  # CUDA only: bf16 autocast of the loss's forward pass; "none" = fp32 (a CPU always trains fp32)
+    compile: Literal["none", "default", "reduce-overhead", "graph", "default+graph"] = "none"  # CUDA only: torch.compile of the loss in that mode, or "graph" = the whole step in one CUDA graph ("default+graph": compiled, in the graph); falls back to eager, saying why
 
     @model_validator(mode="after")
     def _whole_streams(self):
@@ -207,6 +209,8 @@ class FinetuneParams(Section):
     seed: int = 1
     snapshot_every: Annotated[int, Field(ge=0)] = 100  # optimizer steps between resumable training-state snapshots; 0 = none
     noise_streams: PositiveInt = 1  # independent loss-noise streams a global batch is split into; results are the same for any world size that divides it
+    amp: Literal["none", "bf16"] = "none"  # CUDA only: bf16 autocast of the loss's forward pass; "none" = fp32 (a CPU always trains fp32)
+    compile: Literal["none", "default", "reduce-overhead", "graph", "default+graph"] = "none"  # CUDA only: as train.compile
 
     @model_validator(mode="after")
     def _whole_streams(self):

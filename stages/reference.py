@@ -28,7 +28,7 @@ from models.inception import FEATURE_DIM, InceptionFeatures
 from models.metrics import statistics
 from stages import store
 from stages.artifacts import artifact, input_ref, read_manifest, sha256_bytes, verify
-from stages.common import DATA, REFERENCE, WORK, StageError, load_data, log, progress
+from stages.common import DATA, REFERENCE, WORK, StageError, device, load_data, log, progress
 
 if TYPE_CHECKING:  # annotations only: validating params (all families' schemas) is the entry point's job
     from stages.params import ReferenceParams
@@ -172,7 +172,7 @@ def run(p: ReferenceParams) -> dict:
             spaces["inception"] = _save_imported(out, imported)
         elif p.inception_n:
             subset = images[perm[: p.inception_n]]
-            feats = InceptionFeatures(INCEPTION_DIR)(subset, progress=progress("reference: inception"))
+            feats = InceptionFeatures(INCEPTION_DIR, device())(subset, progress=progress("reference: inception"))
             _save_stats(out.path("inception.npz"), feats.numpy())
             spaces["inception"] = {"dim": FEATURE_DIM, "count": len(subset)}
             log(f"[reference] inception space: statistics over {len(subset)} real images")
@@ -211,7 +211,7 @@ def load_spaces() -> dict[str, FeatureSpace]:
             net.load_state_dict(state)
             fn = (lambda net: lambda x: extract(net.eval(), x).to(torch.float64).numpy())(net)
         else:
-            inc = InceptionFeatures(INCEPTION_DIR)
-            fn = lambda x, inc=inc: inc(x).numpy()  # noqa: E731
+            inc, dev = InceptionFeatures(INCEPTION_DIR), device()
+            fn = lambda x, inc=inc, dev=dev: inc.to(dev)(x).numpy()  # noqa: E731  (to the device on first use)
         spaces[name] = FeatureSpace(name, fn, mu, sigma, real)
     return spaces

@@ -11,7 +11,7 @@ import contextlib
 import torch
 
 from models import checkpoint, family as families
-from stages import code, distributed, snapshots
+from stages import code, curves, distributed, snapshots
 from stages.artifacts import artifact, input_ref, work_folder
 from stages.common import DATA, MODEL_FILE, TRAIN, device, device_name, load_data, log, progress
 from stages.model_config import conditioning_labels, model_config
@@ -58,7 +58,8 @@ def run(model_p: ModelParams, train_p: TrainParams, base_p: BaseParams) -> dict 
             "train", work, train_p.snapshot_every, model, fam.loss(config), images, labels, steps=train_p.steps,
             batch_size=train_p.batch_size, lr=train_p.lr, seed=train_p.seed, ema_decay=train_p.ema_decay,
             label_dropout=model_p.label_dropout, null_label=model_p.label_dim,
-            progress=progress("train") if main else None, noise_streams=train_p.noise_streams, world=world)
+            progress=curves.logged("train", progress("train"), work.name) if main else None,
+            noise_streams=train_p.noise_streams, world=world, amp=train_p.amp, compile=train_p.compile)
         if not main:
             return None
         checkpoint.save(out.path(MODEL_FILE), ema.state_dict(), model_p.family, config)

@@ -116,3 +116,38 @@ def test_golden_section_finds_the_minimum():
 def test_bracket_around_the_best_sweep_point():
     assert bracket([(0, 5.0), (0.5, 4.0), (1.0, 3.0), (1.5, 3.5)]) == (0.5, 1.5, False)
     assert bracket([(0, 5.0), (1.0, 3.0), (2.0, 2.0)]) == (1.0, 2.0, True)
+
+
+def dense_precision_recall(features, real_features, k=5):
+    """models.metrics.precision_recall before it was chunked: dense n x n float64 distance matrices."""
+    g = torch.from_numpy(np.asarray(features, dtype=np.float64))
+    r = torch.from_numpy(np.asarray(real_features, dtype=np.float64))
+    radius = lambda x: torch.cdist(x, x).kthvalue(k + 1, dim=1).values
+    r_rad, g_rad = radius(r), radius(g)
+    d = torch.cdist(g, r)
+    return (d <= r_rad[None, :]).any(dim=1).double().mean().item(), (d <= g_rad[:, None]).any(dim=0).double().mean().item()
+
+
+@pytest.mark.parametrize("n_gen, n_real, dim", [(1001, 777, 128), (600, 600, 16), (333, 1234, 2048), (20, 30, 8),
+                                                (7, 12, 4)])
+@pytest.mark.parametrize("block_bytes", [1, 200_000, None])  # 192-row blocks, a few rows' worth, one block
+def test_chunked_precision_recall_equals_the_dense_computation(n_gen, n_real, dim, block_bytes):
+    rng = np.random.default_rng(n_gen)
+    real = rng.normal(size=(n_real, dim))
+    gen = rng.normal(size=(n_gen, dim)) * 1.1 + 0.2
+    gen[: n_gen // 4] = real[: n_gen // 4]  # exact copies: distances 0 and ties with the radii
+    assert metrics.precision_recall(gen, real, block_bytes=block_bytes) == dense_precision_recall(gen, real)
+    x = torch.from_numpy(real)
+    assert torch.equal(metrics._kth_radius(x, 5, block_bytes or metrics.PR_BLOCK_BYTES),
+                       torch.cdist(x, x).kthvalue(6, dim=1).values)  # bit for bit
+
+
+def test_precision_recall_blocks_are_bounded():
+    assert metrics._block_rows(50_000, metrics.PR_BLOCK_BYTES) * 50_000 * 8 <= metrics.PR_BLOCK_BYTES
+    assert metrics._block_rows(50_000, metrics.PR_BLOCK_BYTES) % metrics.PR_ROW_QUANTUM == 0
+    assert metrics._block_rows(10 ** 9, 1) == metrics.PR_ROW_QUANTUM  # at least one quantum of rows
+
+
+def test_precision_recall_on_an_explicit_cpu_device(gaussian):
+    real, same = gaussian
+    assert metrics.precision_recall(same, real, device="cpu") == metrics.precision_recall(same, real)
