@@ -4,11 +4,13 @@ They land in results/curves/<stage>/ (dvclive's layout: plots/metrics/*.tsv and 
 dvc.yaml declares as uncached outputs and plots, so `dvc plots show` and `dvc exp show` display them
 next to the FID metrics. A run resumed from a snapshot (the same run key: the stage's snapshot folder,
 named by everything the run depends on) keeps the curve up to the step it resumed from.
+NEON_CURVES=off logs nothing (bench/gpu.sh: a bare GPU machine has no dvclive).
 """
 from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -25,6 +27,8 @@ def folder(stage: str) -> Path:
 
 def logged(stage: str, progress: Progress, run_key: str) -> Progress:
     """`progress`, also logging each line's figures to dvclive under results/curves/<stage>/."""
+    if os.environ.get("NEON_CURVES") == "off":
+        return progress
     live = None
 
     def report(step: int, total: int, figures: dict | None = None) -> None:
