@@ -1,7 +1,33 @@
 """Prefect flows that run the stages. Offline, project-local Prefect settings are set here, before
-Prefect is imported, so they are part of the project rather than of anyone's shell."""
+Prefect is imported, so they are part of the project rather than of anyone's shell.
+
+Which local services a process uses, the Prefect server of `neon prefect up` (`.neon/prefect`) and the
+store of `neon store up` (`.neon/store`), is `SERVICES` (`stages.store.services_root`): the checkout itself,
+or, in a DVC experiment's temporary workspace (`<repo>/.dvc/tmp/exps/...`, where `dvc exp run --temp`
+runs the stages), the repository `<repo>` the experiment was started from; NEON_SERVICES_ROOT overrides
+both. So a stage in an experiment uses the running server and store instead of starting a temporary
+Prefect server or reaching for AWS. Importing this package imports no Prefect.
+"""
 import os
+import sys
 from pathlib import Path
+
+
+def _resolved(entry: str) -> Path | None:
+    try:
+        return Path(entry or ".").resolve()
+    except (OSError, RuntimeError):
+        return None
+
+
+# Prefect runs a deployment's entry point (flows/pipeline.py) by loading the script from its path, which puts
+# this folder first on sys.path and leaves it there; flows/stages.py would then stand in for the `stages`
+# package in every later import of the flow run, this module's own included. The modules here are only ever
+# imported as `flows.*`, so that entry goes.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [entry for entry in sys.path if _resolved(entry) != _HERE]
+
+from stages.store import services_root  # noqa: E402
 
 
 def _root() -> Path:
@@ -16,10 +42,11 @@ def _root() -> Path:
 
 
 ROOT = _root()
+SERVICES = services_root(ROOT)
 
 _PREFECT_DEFAULTS = {
-    "PREFECT_HOME": str(ROOT / ".neon" / "prefect"),
-    "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(ROOT / ".neon" / "prefect" / "results"),
+    "PREFECT_HOME": str(SERVICES / ".neon" / "prefect"),
+    "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(SERVICES / ".neon" / "prefect" / "results"),
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
     "PREFECT_LOGGING_LEVEL": "INFO",

@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from flows import ROOT
+from flows import ROOT, SERVICES
 from stages import lineage, store
 
 
@@ -43,7 +43,7 @@ def _write_dvc_local(info: store.StoreInfo) -> None:
 
 
 def cmd_store(args) -> int:
-    state = ROOT / store.DEFAULT_STATE_DIR
+    state = SERVICES / store.DEFAULT_STATE_DIR  # the checkout, or the one an experiment's workspace came from
     if args.action == "up":
         info = store.start(state)
         _write_dvc_local(info)
@@ -191,7 +191,7 @@ def _worker_env() -> dict[str, str]:
 
     env = {**os.environ, "NEON_ROOT": str(ROOT)}
     if not (env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")) and \
-            (info := store.read_info(ROOT / store.DEFAULT_STATE_DIR)) is not None:
+            (info := store.read_info(SERVICES / store.DEFAULT_STATE_DIR)) is not None:
         env.update(store.s3_env(info.endpoint))
     if "127.0.0.1" in (env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or ""):
         env.update(store.credentials())

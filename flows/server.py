@@ -1,15 +1,17 @@
 """A long-lived local Prefect API server (127.0.0.1), so each stage's flow skips the ~5-10 s start of
-a temporary one. `neon prefect up` starts it; flows find it through `.neon/prefect/server.json`."""
+a temporary one. `neon prefect up` starts it; flows find it through `.neon/prefect/server.json` in the
+checkout whose services they use (`flows.SERVICES`: also from a DVC experiment's temporary workspace)."""
 from __future__ import annotations
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from stages.store import free_port_pair, process_alive as _alive
 
@@ -17,15 +19,28 @@ STATE = "server.json"
 
 
 def running(home: Path) -> str | None:
-    """The API URL of a live server started for this PREFECT_HOME, if any."""
+    """The API URL of a live server started for this PREFECT_HOME, if any: its process is alive and its
+    port takes connections (a pid reused after a reboot is not a server). No HTTP request: ~1 ms."""
     path = Path(home) / STATE
-    if not path.exists():
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
         return None
-    info = json.loads(path.read_text())
-    return info["url"] if _alive(info["pid"]) else None
+    return info["url"] if _alive(info["pid"]) and _listening(info["url"]) else None
+
+
+def _listening(url: str) -> bool:
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 80), timeout=1):
+            return True
+    except OSError:
+        return False
 
 
 def _healthy(url: str) -> bool:
+    import urllib.request
+
     try:
         with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
             return r.status == 200

@@ -121,6 +121,26 @@ def verdict(space: str, s: dict) -> str:
     return line
 
 
+def plot_training(path: Path, curve: dict[str, list[tuple[int, float]]], stage: str) -> None:
+    """Loss (left axis) and images/s (right axis) against the optimizer step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=120)
+    ax.plot(*zip(*curve["loss"]), "o-", color="tab:blue", ms=3)
+    ax.set_xlabel(f"{stage} step")
+    ax.set_ylabel("training loss", color="tab:blue")
+    if curve.get("images_per_s"):
+        speed = ax.twinx()
+        speed.plot(*zip(*curve["images_per_s"]), ".:", color="tab:grey")
+        speed.set_ylabel("images/s", color="tab:grey")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def markdown(result: dict, lineage: list[tuple[str, str]]) -> str:
     chosen = f"w = {result['best_w']:g}"
     if result["conditional"]:
@@ -187,6 +207,9 @@ def html_page(md: str, out_dir: Path) -> str:
             body.append(f"<img alt='FID vs w' src='{_inline(out_dir / 'fid_vs_w.png')}'>")
             body.append("<h2>Samples: base (left) vs best Neon (right), same seeds</h2>"
                         f"<img alt='base vs neon samples' src='{_inline(out_dir / 'grid_compare.png')}'>")
+            if (out_dir / "finetune_curve.png").exists():
+                body.append("<h2>Fine-tuning on the synthetic set</h2>"
+                            f"<img alt='fine-tuning curve' src='{_inline(out_dir / 'finetune_curve.png')}'>")
         elif line.startswith("- "):
             body.append(f"<p>• {html.escape(line[2:])}</p>")
         elif line:
@@ -210,8 +233,9 @@ def strict_json(obj):
 
 
 def write(out: ArtifactWriter, result: dict, grids: dict[str, np.ndarray], grid: int,
-          lineage: list[tuple[str, str]], measurements=None) -> None:
-    """`measurements`: every measurement as a long-format pandas table, written as measurements.csv."""
+          lineage: list[tuple[str, str]], measurements=None, finetune_curve: dict | None = None) -> None:
+    """`measurements`: every measurement as a long-format pandas table, written as measurements.csv;
+    `finetune_curve`: the fine-tuning's logged (step, value) rows by figure, drawn when it has a loss."""
     (out.path("evaluation.json")).write_text(json.dumps(strict_json(result), indent=2) + "\n")
     (out.path("metrics.json")).write_text(json.dumps(strict_json(dvc_metrics(result)), indent=2) + "\n")
     with open(out.path("fid_vs_w.csv"), "w", newline="") as f:
@@ -221,6 +245,8 @@ def write(out: ArtifactWriter, result: dict, grids: dict[str, np.ndarray], grid:
     if measurements is not None:
         measurements.to_csv(out.path("measurements.csv"), index=False)
     plot_curve(out.path("fid_vs_w.png"), result)
+    if finetune_curve and finetune_curve.get("loss"):
+        plot_training(out.path("finetune_curve.png"), finetune_curve, "fine-tuning")
     base, neon = picture(grids["base"], grid), picture(grids["neon"], grid)
     base.save(out.path("grid_base.png"))
     neon.save(out.path("grid_best.png"))

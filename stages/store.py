@@ -3,7 +3,9 @@
 Where the store lives (its data dir, ports, pid) is kept in `<state_dir>/store.json` so `neon store
 status` and the Makefile can find a running one; its ports stay in `<state_dir>/ports.json` after it
 stops, so a restart serves the same endpoint (the one `.dvc/config.local` and AWS_ENDPOINT_URL_S3 name)
-whenever those ports are still free. Credentials come only from the environment.
+whenever those ports are still free. Credentials come only from the environment. The state dir a process
+uses by default is `.neon/store` in `services_root()`: the checkout, or the one a DVC experiment's
+temporary workspace was copied from.
 
 Every S3 client made here retries each request a bounded number of times with exponential backoff and
 short timeouts (NEON_S3_RETRIES, NEON_S3_CONNECT_TIMEOUT, NEON_S3_READ_TIMEOUT), so a store that is down
@@ -27,7 +29,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 from models.errors import InputError
 
-DEFAULT_STATE_DIR = Path(".neon/store")  # git-ignored; survives between runs of `make demo`
+DEFAULT_STATE_DIR = Path(".neon/store")  # in services_root(); git-ignored; survives between runs of `make demo`
+SERVICES_ENV = "NEON_SERVICES_ROOT"
+EXPERIMENT_WORKSPACES = (".dvc", "tmp", "exps")  # where `dvc exp run --temp` and `dvc queue` copy the repository
 DEFAULT_BUCKET = "neon"
 # The embedded store enforces these unless the environment sets others; they never leave 127.0.0.1.
 DEFAULT_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "neon-local", "AWS_SECRET_ACCESS_KEY": "neon-local-secret"}
@@ -58,6 +62,38 @@ class StoreUnavailableError(InputError, StoreError):
 
 class S3SettingError(InputError, StoreError):
     """A NEON_S3_* environment variable that is not a valid number."""
+
+
+class StoreCredentialsError(InputError, StoreError):
+    """No credentials for the S3 endpoint (botocore's NoCredentialsError); the message names it and the fix."""
+
+
+def services_root(start: Path | str | None = None) -> Path:
+    """The checkout whose local services this process uses: the embedded store (`.neon/store`, `neon store up`)
+    and the Prefect server (`.neon/prefect`, `neon prefect up`; flows/__init__.py), with their credentials.
+
+    The rule, first match wins:
+      1. NEON_SERVICES_ROOT, when set: that folder;
+      2. when `start` (default: the current directory) lies inside a DVC experiment's temporary workspace,
+         `<repo>/.dvc/tmp/exps/...` (`dvc exp run --temp`, `dvc queue start`: DVC copies the repository there
+         and runs the stages in the copy, which has no `.neon/`), the repository `<repo>` the experiment was
+         started from (the outermost, should a workspace hold another);
+      3. else `start` itself.
+    It only locates; whether a service runs there is `read_info` / `flows.server.running`.
+    """
+    if explicit := os.environ.get(SERVICES_ENV, "").strip():
+        return Path(explicit).expanduser().resolve()
+    here = Path(start if start is not None else Path.cwd()).resolve()
+    parts, n = here.parts, len(EXPERIMENT_WORKSPACES)
+    for i in range(1, len(parts) - n + 1):
+        if parts[i:i + n] == EXPERIMENT_WORKSPACES:
+            return Path(*parts[:i])
+    return here
+
+
+def default_state_dir() -> Path:
+    """`.neon/store` in `services_root()`."""
+    return services_root() / DEFAULT_STATE_DIR
 
 
 def s3_settings() -> dict[str, float]:
@@ -138,8 +174,9 @@ def process_alive(pid: int) -> bool:
         return False
 
 
-def read_info(state_dir: Path = DEFAULT_STATE_DIR) -> StoreInfo | None:
-    path = Path(state_dir) / "store.json"
+def read_info(state_dir: Path | None = None) -> StoreInfo | None:
+    """The running store of `state_dir` (default: `default_state_dir()`), or None."""
+    path = Path(state_dir if state_dir is not None else default_state_dir()) / "store.json"
     if not path.exists():
         return None
     info = StoreInfo(**json.loads(path.read_text()))
@@ -209,9 +246,9 @@ def _choose_ports(state_dir: Path) -> dict[str, int]:
     return ports
 
 
-def start(state_dir: Path = DEFAULT_STATE_DIR, bucket: str = DEFAULT_BUCKET, timeout: float = 60) -> StoreInfo:
+def start(state_dir: Path | None = None, bucket: str = DEFAULT_BUCKET, timeout: float = 60) -> StoreInfo:
     """Start SeaweedFS (or return the running one), with a versioned bucket, on its previous ports if free."""
-    state_dir = Path(state_dir).resolve()
+    state_dir = Path(state_dir if state_dir is not None else default_state_dir()).resolve()
     running = read_info(state_dir)
     if running:
         return running
@@ -240,7 +277,8 @@ def start(state_dir: Path = DEFAULT_STATE_DIR, bucket: str = DEFAULT_BUCKET, tim
     return info
 
 
-def stop(state_dir: Path = DEFAULT_STATE_DIR, timeout: float = 20) -> bool:
+def stop(state_dir: Path | None = None, timeout: float = 20) -> bool:
+    state_dir = Path(state_dir if state_dir is not None else default_state_dir())
     info = read_info(state_dir)
     if info is None:
         return False
@@ -258,8 +296,9 @@ def filesystem(endpoint: str | None = None, attempts: int | None = None):
     """An s3fs filesystem for `endpoint`, with bounded retries and timeouts (`s3_settings()`; `attempts`
     overrides NEON_S3_RETRIES, e.g. 1 to poll a store that is starting).
 
-    Default: AWS_ENDPOINT_URL_S3 (or AWS_ENDPOINT_URL); else the embedded store when this project
-    runs one; else AWS itself.
+    Default: AWS_ENDPOINT_URL_S3 (or AWS_ENDPOINT_URL); else the embedded store when one runs for
+    `services_root()` (this checkout, or the one an experiment's temporary workspace came from), with its
+    local-only credentials; else AWS itself.
     """
     import s3fs
 
@@ -294,6 +333,12 @@ def _unreachable_errors() -> tuple[type[BaseException], ...]:
     return errors
 
 
+def _is_missing_credentials(exc: BaseException) -> bool:
+    from botocore.exceptions import NoCredentialsError, PartialCredentialsError
+
+    return isinstance(exc, (NoCredentialsError, PartialCredentialsError))
+
+
 def is_unreachable(exc: BaseException) -> bool:
     """Whether `exc` means the S3 endpoint could not be reached (refused, timed out, cut off)."""
     return isinstance(exc, _unreachable_errors())
@@ -310,15 +355,21 @@ def show_endpoint(endpoint: str | None) -> str:
 @contextlib.contextmanager
 def access(fs, what: str) -> Iterator[None]:
     """Run S3 calls on `fs`; if the endpoint cannot be reached (after the retries), raise one
-    `StoreUnavailableError` naming the endpoint, `what` was being read, and the fix.
+    `StoreUnavailableError` naming the endpoint, `what` was being read, and the fix; if there are no
+    credentials for it (botocore's NoCredentialsError), one `StoreCredentialsError` line likewise.
 
     The one place where connection failures become a user's error: every stage reading S3 goes through it.
     """
     try:
         yield
-    except StoreUnavailableError:
+    except StoreError:
         raise
     except Exception as exc:
+        if _is_missing_credentials(exc):
+            raise StoreCredentialsError(
+                f"no S3 credentials for {show_endpoint(getattr(fs, 'endpoint_url', None))} to read {what}: set "
+                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or start the embedded store with `neon store up` "
+                f"(in {services_root()})") from None
         if not is_unreachable(exc):
             raise
         attempts = s3_settings()["NEON_S3_RETRIES"]
