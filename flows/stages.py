@@ -145,13 +145,23 @@ def stage_flow_fn(stage: str, params: Params):
     from prefect.context import FlowRunContext
     from prefect.states import Failed
 
+    from stages import openlineage
+
     ctx = FlowRunContext.get()
+    lineage = openlineage.start(stage, params, flow_run_id=str(ctx.flow_run.id) if ctx and ctx.flow_run else None)
     try:
         module = import_stage(stage)
         with heartbeats(ctx.flow_run if ctx else None, _heartbeat_s[0]):
             manifest = RUNNERS[stage][1](module, params)
     except InputError as exc:
+        openlineage.fail(lineage, str(exc))
         return Failed(message=str(exc), name=INPUT_ERROR)
+    except BaseException as exc:  # a bug: FAIL with its stack, then its traceback as before
+        import traceback
+
+        openlineage.fail(lineage, f"{type(exc).__name__}: {exc}", stack_trace=traceback.format_exc())
+        raise
+    openlineage.complete(lineage, manifest)
     return {"artifact": manifest["artifact"], "digest": manifest["digest"]}
 
 

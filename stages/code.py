@@ -19,6 +19,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("models", "stages", "flows")
 ENTRY = "flows.__main__"  # `python -m flows STAGE`, the command of every dvc.yaml stage
+# Modules that name other modules as data without running them all (this one; the stage runner's table of
+# stage modules, of which a run imports one): only their imports count.
+NAMES_AS_DATA = (__name__, "flows.stages")
 
 
 def _module_file(name: str, root: Path) -> Path | None:
@@ -76,8 +79,7 @@ def _closure(module: str, root: Path) -> tuple[str, ...]:
         if path is None or name in seen:
             continue
         seen[name] = path
-        # This module names modules as data (ENTRY) without running them: only its imports count.
-        todo.extend(_referenced(ast.parse(path.read_text(), str(path)), strings=name != __name__))
+        todo.extend(_referenced(ast.parse(path.read_text(), str(path)), strings=name not in NAMES_AS_DATA))
     return tuple(sorted({p.relative_to(root).as_posix() for p in seen.values() if p.stat().st_size}))
 
 
@@ -91,7 +93,9 @@ def digest(module: str, root: Path | None = None) -> str:
 
 
 def stage_code(stage: str, root: Path | None = None) -> tuple[str, ...]:
-    """The files `python -m flows STAGE` runs: the entry point's own modules in flows/ (it imports every
-    stage module, but runs only this one) and the stage module's closure."""
-    entry = [f for f in closure(ENTRY, root) if f.startswith("flows/")]
+    """The files `python -m flows STAGE` runs: the entry point's closure (what runs around every stage, e.g.
+    its lineage events) and the stage module's closure. Validating params.yaml (every family's schema) is
+    the entry point's check, not the stage's work: its modules count only where the stage itself runs them."""
+    validation = set(closure("stages.params", root))
+    entry = [f for f in closure(ENTRY, root) if f.startswith("flows/") or f not in validation]
     return tuple(sorted({*entry, *closure(f"stages.{stage}", root)}))
