@@ -1,7 +1,7 @@
 """Training curves with dvclive: loss and images/s at every progress line of `train` and `finetune`.
 
-They land in results/curves/<stage>/ (dvclive's layout: plots/metrics/*.tsv and metrics.json), which
-dvc.yaml declares as uncached outputs and plots, so `dvc plots show` and `dvc exp show` display them
+They land in artifacts/curves/<stage>/ (dvclive's layout: plots/metrics/*.tsv and metrics.json), which
+dvc.yaml declares as outputs (pushed to the store) and plots, so `dvc plots show` and `dvc exp show` display them
 next to the FID metrics. A run resumed from a snapshot (the same run key: the stage's snapshot folder,
 named by everything the run depends on) keeps the curve up to the step it resumed from.
 NEON_CURVES=off logs nothing (bench/gpu.sh: a bare GPU machine has no dvclive).
@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-CURVES = Path("results/curves")
+CURVES = Path("artifacts/curves")  # DVC outputs, cached and pushed like the artifacts
 FIGURES = ("loss", "images_per_s")
 
 Progress = Callable[[int, int, dict], None]
@@ -26,7 +26,7 @@ def folder(stage: str) -> Path:
 
 
 def logged(stage: str, progress: Progress, run_key: str) -> Progress:
-    """`progress`, also logging each line's figures to dvclive under results/curves/<stage>/."""
+    """`progress`, also logging each line's figures to dvclive under artifacts/curves/<stage>/."""
     if os.environ.get("NEON_CURVES") == "off":
         return progress
     live = None

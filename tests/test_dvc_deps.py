@@ -27,7 +27,7 @@ def test_dvc_yaml_lists_exactly_the_stage_code(stage):
     assert sorted(code_deps(stage)) == want, (
         f"dvc.yaml stage {stage}: deps must list the code the stage runs:\n  " + ", ".join(want))
     for dep in STAGES[stage]["deps"]:
-        assert (REPO / dep).exists() or dep.startswith(("artifacts/", "results/")), f"{stage}: {dep} does not exist"
+        assert (REPO / dep).exists() or dep.startswith("artifacts/"), f"{stage}: {dep} does not exist"
 
 
 # One interpreter for every stage (torch is imported once): project modules are dropped between stages.

@@ -83,7 +83,7 @@ def test_scheduled_run_pushed_its_results(reproduced, s3_store):
                 if "cloud" in entry:
                     pushed[path] = entry["cloud"]["store"]["version_id"]
     assert {path.split("/")[1] for path in pushed} == {"data", "reference", "train", "base", "synthetic",
-                                                       "selftrained", "merged", "evaluate"}
+                                                       "selftrained", "merged", "evaluate", "curves"}
     for path, version in pushed.items():  # that exact version is in the bucket
         assert fs.info(f"{s3_store.bucket}/dvc/{path}", version_id=version)["size"] >= 0
     assert fs.find(f"{s3_store.bucket}/prefect-results"), "the flow's result is not in the store"
