@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: venv demo test store-down clean gpu-wheels
+.PHONY: venv demo test store-down clean gpu-wheels bench-venv
 venv: $(VENV)/.installed
 
 # Exact versions first (requirements.lock), then the project itself without re-resolving.
@@ -47,3 +47,12 @@ gpu-wheels: venv
 	    --platform manylinux2014_x86_64 pydantic_core==2.50.5 && \
 	  $(BIN)/pip download --quiet --no-deps --only-binary=:all: --python-version $$v --dest bench/wheels \
 	    --platform manylinux_2_28_x86_64 torchvision==0.26.0; done
+
+# mergekit, for bench/merge.py's comparison only, in a venv of its own that sees .venv's packages: it would
+# add transformers, accelerate, peft and datasets to .venv, where diffusers would pick them up.
+bench-venv: venv .venv-bench/.installed
+.venv-bench/.installed: requirements-bench.txt
+	test -x .venv-bench/bin/python || python3 -m venv .venv-bench
+	echo "$(CURDIR)/$(VENV)/lib/python3.11/site-packages" > .venv-bench/lib/python3.11/site-packages/_neon_main_venv.pth
+	.venv-bench/bin/pip install --quiet --disable-pip-version-check -r requirements-bench.txt
+	touch $@

@@ -7,10 +7,10 @@ writes one checkpoint per sweep weight; every output comes from the same single 
 from __future__ import annotations
 
 import json
+import shutil
 from typing import TYPE_CHECKING
 
-from models import checkpoint
-from models.merge import merge
+from models.merge import merge_files
 from stages.artifacts import artifact, input_ref, read_manifest
 from stages.common import BASE, EVALUATE, MERGED, MODEL_FILE, SELFTRAINED, log
 
@@ -34,20 +34,21 @@ def run(p: MergeParams) -> dict:
     evaluation = json.loads((EVALUATE / "evaluation.json").read_text())
     w, why = chosen(p, evaluation)
     described = read_manifest(BASE)["checkpoint"]["config"]  # also set for plain state dicts
-    targets = {MODEL_FILE: w, **({merged_name(x): x for x in p.weights} if p.keep_sweep else {})}
+    sweep = [x for x in p.weights if p.keep_sweep]
     provenance = {"base_digest": inputs["base"]["digest"], "selftrained_digest": inputs["selftrained"]["digest"]}
-    base, _ = checkpoint.read(BASE / MODEL_FILE)
-    selftrained, _ = checkpoint.read(SELFTRAINED / MODEL_FILE)
     with artifact(MERGED, "merge", p.model_dump(), inputs=inputs) as out:
-        for name, x in targets.items():
-            merged = merge(base, selftrained, x, method="neon", other_name=str(SELFTRAINED / MODEL_FILE))
-            checkpoint.save(out.path(name), merged, described["family"], described["config"],
-                            extra={"neon_w": repr(x), **provenance})
+        # One pass over the memory-mapped inputs writes every output, tensor by tensor (sharded past 5 GB).
+        targets = {w: out.path(MODEL_FILE), **{x: out.path(merged_name(x)) for x in sweep if x != w}}
+        merge_files(BASE / MODEL_FILE, SELFTRAINED / MODEL_FILE, targets, method="neon",
+                    other_name=str(SELFTRAINED / MODEL_FILE), family=described["family"],
+                    config=described["config"], extra=provenance)
+        if w in sweep:  # the chosen w is also a sweep weight: the same bytes under both names
+            shutil.copyfile(out.path(MODEL_FILE), out.path(merged_name(w)))
         out.extra["neon"] = _summary(w, why, evaluation)
     if w == 0:
         log("[merge] the evaluation found no w better than the base: the Neon model is the base itself (w = 0)")
     log(f"[merge] w = {w:g} ({why}) -> {MERGED / MODEL_FILE}"
-        + (f"; sweep checkpoints: {', '.join(n for n in targets if n != MODEL_FILE)}" if p.keep_sweep else ""))
+        + (f"; sweep checkpoints: {', '.join(merged_name(x) for x in sweep)}" if sweep else ""))
     return out.manifest
 
 

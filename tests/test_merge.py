@@ -119,3 +119,35 @@ def test_merged_state_loads_strictly(states):
     model = tiny_model(2)
     model.load_state_dict(merge(base, other, 1.5), strict=True)
     model.eval()(torch.randn(2, 4))
+
+
+@pytest.mark.parametrize("method", ["neon", "linear"])
+@pytest.mark.parametrize("w", [1.5, -0.3, 0.0])
+def test_methods_same_bits_on_torch_and_numpy_with_or_without_delta_and_out(method, w):
+    """One registered function serves `merge` (torch) and `merge_files` (numpy chunks, shared delta, out buffer)."""
+    import numpy as np
+
+    from models.merge import _METHODS
+
+    fn = _METHODS[method]
+    g = torch.Generator().manual_seed(0)
+    b, o = torch.randn(1000, generator=g) * 3, torch.randn(1000, generator=g) * 3
+    ref = fn(b, o, w)
+    assert ref.dtype == torch.float32
+    bn, on = b.numpy(), o.numpy()
+    out = np.empty_like(bn)
+    for got in (fn(bn, on, w), fn(bn, on, w, delta=on - bn, out=out), fn(b, o, w, delta=o - b, out=torch.empty(1000))):
+        got = got.numpy() if isinstance(got, torch.Tensor) else got
+        assert got.dtype == np.float32 and got.view(np.uint32).tolist() == ref.numpy().view(np.uint32).tolist()
+    expected = (b.double() - w * (o.double() - b.double())) if method == "neon" else \
+        (b.double() + w * (o.double() - b.double()))
+    torch.testing.assert_close(ref.double(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_merge_does_not_modify_its_inputs(states):
+    base, other = states
+    before = {k: v.clone() for k, v in base.items()}, {k: v.clone() for k, v in other.items()}
+    merge(base, other, 2.0)
+    merge(base, other, 2.0, method="linear")
+    for state, copy in zip((base, other), before):
+        assert all(torch.equal(state[k], copy[k]) for k in state)
