@@ -45,6 +45,14 @@ def logged(stage: str, progress: Progress, run_key: str) -> Progress:
     return report
 
 
+def skipped(stage: str, why: str) -> None:
+    """No training ran (e.g. a user's checkpoint): an empty curve, saying why, so the DVC output exists."""
+    path = folder(stage)
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    (path / "run.json").write_text(json.dumps({"run": None, "skipped": why}) + "\n")
+
+
 def _start(path: Path, first_step: int, run_key: str):
     """A fresh dvclive run; resuming the same run, its curve keeps the points before `first_step`."""
     from dvclive import Live  # imports pandas: paid only by the stages that train

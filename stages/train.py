@@ -26,6 +26,7 @@ def run(model_p: ModelParams, train_p: TrainParams, base_p: BaseParams) -> dict 
             return None
         with artifact(TRAIN, "train", params, inputs={}, device=device_name(device())) as out:
             out.extra["skipped"] = f"base.checkpoint is set ({base_p.checkpoint}): no base training"
+            curves.skipped("train", out.extra["skipped"])
         log(f"[train] skipped: base.checkpoint = {base_p.checkpoint}")
         return out.manifest
     distributed.check_split("train", train_p.batch_size, train_p.noise_streams, distributed.size())

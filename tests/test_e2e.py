@@ -41,8 +41,8 @@ def test_repro_runs_every_stage_and_writes_metrics(reproduced):
         assert {"improved": "Neon improved FID", "worse": "Neon made FID worse",
                 "inconclusive": "no conclusion"}[want] in report.split(f"- {space}:", 1)[1].splitlines()[0]
     html = (root / "artifacts/evaluate/report.html").read_text()
-    assert html.count("data:image/png;base64,") == 2
-    for picture in ("grid_base.png", "grid_best.png", "grid_compare.png", "fid_vs_w.png"):
+    assert html.count("data:image/png;base64,") == 3  # the FID curve, the grids, the fine-tuning curve
+    for picture in ("grid_base.png", "grid_best.png", "grid_compare.png", "fid_vs_w.png", "finetune_curve.png"):
         assert (root / "artifacts" / "evaluate" / picture).stat().st_size > 0
 
 
