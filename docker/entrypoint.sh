@@ -58,7 +58,9 @@ if [ -n "${NEON_DVC_REMOTE_URL:-}" ]; then
     dvc remote modify --local store url "$NEON_DVC_REMOTE_URL"
 fi
 if [ -n "${AWS_ENDPOINT_URL_S3:-}" ]; then
-    dvc remote modify --local store endpointurl "$AWS_ENDPOINT_URL_S3"
+    for remote in store exps; do  # the default remote and the experiments' (see README, "Experiments")
+        dvc remote modify --local "$remote" endpointurl "$AWS_ENDPOINT_URL_S3"
+    done
 fi
 
 # The checkout's own code comes first (flows/, stages/, models/), over the copy installed in the image.

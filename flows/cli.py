@@ -22,20 +22,24 @@ from flows import ROOT, SERVICES
 from stages import lineage, store
 
 
+DVC_REMOTES = ("store", "exps")  # the version-aware default remote; the content-addressed one for experiments
+
+
 def _write_dvc_local(info: store.StoreInfo) -> None:
-    """Point the DVC remote at the embedded store (machine-local: .dvc/config.local is git-ignored)."""
+    """Point the DVC remotes at the embedded store (machine-local: .dvc/config.local is git-ignored)."""
     path = ROOT / ".dvc" / "config.local"
     cfg = configparser.ConfigParser()
     cfg.read(path)
-    section = "'remote \"store\"'"
-    if not cfg.has_section(section):
-        cfg.add_section(section)
     creds = store.credentials()
     settings = store.s3_settings()  # DVC's own S3 client: the same short timeouts (its retries: AWS_MAX_ATTEMPTS)
-    cfg[section].update(endpointurl=info.endpoint, access_key_id=creds["AWS_ACCESS_KEY_ID"],
-                        secret_access_key=creds["AWS_SECRET_ACCESS_KEY"],
-                        connect_timeout=f"{settings['NEON_S3_CONNECT_TIMEOUT']:g}",
-                        read_timeout=f"{settings['NEON_S3_READ_TIMEOUT']:g}")
+    for remote in DVC_REMOTES:
+        section = f"'remote \"{remote}\"'"
+        if not cfg.has_section(section):
+            cfg.add_section(section)
+        cfg[section].update(endpointurl=info.endpoint, access_key_id=creds["AWS_ACCESS_KEY_ID"],
+                            secret_access_key=creds["AWS_SECRET_ACCESS_KEY"],
+                            connect_timeout=f"{settings['NEON_S3_CONNECT_TIMEOUT']:g}",
+                            read_timeout=f"{settings['NEON_S3_READ_TIMEOUT']:g}")
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w") as f:
         cfg.write(f)

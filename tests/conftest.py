@@ -63,11 +63,11 @@ def project(tmp_path_factory, s3_store, prefect_api):
     run(git + ["init", "-q"], root, env)
     run(git + ["add", "-A"], root, env)
     run(git + ["commit", "-qm", "test project"], root, env)
-    (root / ".dvc" / "config.local").write_text(
-        "['remote \"store\"']\n"
+    (root / ".dvc" / "config.local").write_text("".join(
+        f"['remote \"{remote}\"']\n"
         f"    endpointurl = {s3_store.endpoint}\n"
         f"    access_key_id = {store.credentials()['AWS_ACCESS_KEY_ID']}\n"
-        f"    secret_access_key = {store.credentials()['AWS_SECRET_ACCESS_KEY']}\n")
+        f"    secret_access_key = {store.credentials()['AWS_SECRET_ACCESS_KEY']}\n" for remote in ("store", "exps")))
     return root, env
 
 
