@@ -44,6 +44,14 @@ def test_an_experiment_pushed_from_one_clone_is_pulled_into_another(reproduced, 
     assert "'status' is unsupported for cloud versioned remotes" in status.stdout + status.stderr
     assert "in sync" in run(["dvc", "status", "--cloud", "--remote", "exps"], one, env).stdout
 
+    # The committed Neon model, as another project gets it: the artifact dvc.yaml declares, from the store.
+    got = tmp_path / "got"
+    run(GIT + ["tag", "-a", "neon-model@v1.0.0", "-m", "the first Neon model"], one, env)  # a version, as GTO tags it
+    run(["dvc", "artifacts", "get", str(one), "neon-model", "-o", str(got), "--config",
+         str(one / ".dvc" / "config.local")], tmp_path, env)
+    assert _sha(got / "model.safetensors") == _sha(root / "artifacts/merged/model.safetensors")
+    assert "neon" in __import__("json").loads((got / "manifest.json").read_text())
+
     two = tmp_path / "two"
     run(["git", "clone", "--quiet", "--branch", "main", str(team), str(two)], tmp_path, env)
     shutil.copyfile(root / ".dvc" / "config.local", two / ".dvc" / "config.local")
