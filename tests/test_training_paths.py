@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import math
 import time
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -475,6 +473,10 @@ def test_cuda_data_too_large_for_the_gpu_stay_on_the_host(monkeypatch):
 
 # --- the training loop before it was optimised: a frozen copy of models/training.py's loop ---------------------
 # (Only renamed: fit -> old_fit, ema_update -> old_ema_update. Never edit: it is the reference.)
+# The helpers it shares, unchanged since, are imported rather than copied.
+from models.training import (_get_rng, _set_rng, _Stream, non_finite, stream_seed,  # noqa: E402
+                             to_model_space)
+
 
 class _Objective(nn.Module):
     """The loss as a module, so that a wrapper (DDP) sees every use of the model's weights, whichever of the
@@ -488,77 +490,12 @@ class _Objective(nn.Module):
         return self.loss_fn(self.model, batch, labels, generator)
 
 
-def stream_seed(seed: int, stream: int) -> int:
-    """The seed of loss-noise stream `stream`; stream 0 is seeded by `seed` itself (one stream: the
-    loop as it always was)."""
-    if stream == 0:
-        return seed
-    return int.from_bytes(hashlib.sha256(f"neon-noise-stream/{seed}/{stream}".encode()).digest()[:8], "big") >> 1
-
-
-class _Stream:
-    """One chunk's randomness inside the loss: its noise generator and the global RNG that dropout draws
-    from, swapped in while the chunk's forward pass runs and carried over to the next step."""
-
-    def __init__(self, seed: int, dev: torch.device):
-        self.dev = dev
-        self.noise = torch.Generator(device=dev).manual_seed(seed)
-        with torch.random.fork_rng(devices=self._cuda()):  # only this device's generators are seeded and read
-            torch.random.default_generator.manual_seed(seed)
-            if dev.type == "cuda":
-                with torch.cuda.device(dev):
-                    torch.cuda.manual_seed(seed)
-            self.rng = self._global()
-
-    def _cuda(self) -> list:
-        return [self.dev] if self.dev.type == "cuda" else []
-
-    def _global(self) -> dict[str, torch.Tensor]:
-        rng = {"torch": torch.get_rng_state()}
-        if self.dev.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.dev)
-        return rng
-
-    @contextlib.contextmanager
-    def active(self) -> Iterator[torch.Generator]:
-        with torch.random.fork_rng(devices=self._cuda()):
-            torch.set_rng_state(self.rng["torch"])
-            if self.dev.type == "cuda":
-                torch.cuda.set_rng_state(self.rng["cuda"], self.dev)
-            yield self.noise
-            self.rng = self._global()
-
-    def state(self) -> dict[str, torch.Tensor]:
-        return {"noise": self.noise.get_state(), **self.rng}
-
-    def load(self, state: dict[str, torch.Tensor]) -> None:
-        self.noise.set_state(state["noise"])
-        self.rng = {k: v for k, v in state.items() if k != "noise"}
-
-
-def to_unit_range(data: torch.Tensor) -> torch.Tensor:
-    return data.to(torch.float32) / 127.5 - 1
-
-
-def to_model_space(data: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels -> [-1, 1]; float data (points of a vector family) are used as they are."""
-    return to_unit_range(data) if data.dtype == torch.uint8 else data.to(torch.float32)
-
-
 @torch.no_grad()
 def old_ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p, 1 - decay)
     for e, b in zip(ema.buffers(), model.buffers()):
         e.copy_(b)
-
-
-def non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
-    """The name of the first floating-point tensor holding NaN or inf, or None if all are finite."""
-    for name, t in tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            return name
-    return None
 
 
 def old_fit(model: nn.Module, loss_fn, data: torch.Tensor, labels: torch.Tensor | None, *, steps: int,
@@ -671,27 +608,3 @@ def old_fit(model: nn.Module, loss_fn, data: torch.Tensor, labels: torch.Tensor 
     return ema if ema is not None else model
 
 
-def _get_rng(gen: torch.Generator, noise_gen: torch.Generator, streams: dict[int, _Stream], dev: torch.device,
-             par: Parallel) -> dict:
-    if streams:  # every chunk's stream, from whichever process computes it (a collective under `par`)
-        mine = {c: s.state() for c, s in streams.items()}
-        every = {c: state for part in par.gather(mine) for c, state in part.items()}
-        return {"batch": gen.get_state(), "streams": [every[c] for c in sorted(every)]}
-    # The global generator drives dropout (and CUDA's, on a GPU): without it a resumed run draws other masks.
-    rng = {"batch": gen.get_state(), "noise": noise_gen.get_state(), "torch": torch.get_rng_state()}
-    if dev.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(dev)
-    return rng
-
-
-def _set_rng(rng: dict, gen: torch.Generator, noise_gen: torch.Generator, streams: dict[int, _Stream],
-             dev: torch.device) -> None:
-    gen.set_state(rng["batch"])
-    if streams:
-        for c, stream in streams.items():
-            stream.load(rng["streams"][c])
-        return
-    noise_gen.set_state(rng["noise"])
-    torch.set_rng_state(rng["torch"])
-    if dev.type == "cuda":
-        torch.cuda.set_rng_state(rng["cuda"], dev)
