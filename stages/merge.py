@@ -39,10 +39,10 @@ def run(p: MergeParams) -> dict:
     with artifact(MERGED, "merge", p.model_dump(), inputs=inputs) as out:
         # One pass over the memory-mapped inputs writes every output, tensor by tensor (sharded past 5 GB).
         targets = {w: out.path(MODEL_FILE), **{x: out.path(merged_name(x)) for x in sweep if x != w}}
-        merge_files(BASE / MODEL_FILE, SELFTRAINED / MODEL_FILE, targets, method="neon",
-                    other_name=str(SELFTRAINED / MODEL_FILE), family=described["family"],
-                    config=described["config"], extra=provenance)
-        if w in sweep:  # the chosen w is also a sweep weight: the same bytes under both names
+        written = merge_files(BASE / MODEL_FILE, SELFTRAINED / MODEL_FILE, targets, method="neon",
+                              other_name=str(SELFTRAINED / MODEL_FILE), family=described["family"],
+                              config=described["config"], extra=provenance)
+        if w in sweep and written[w] == [out.path(MODEL_FILE)]:  # also a sweep weight: the same bytes, both names
             shutil.copyfile(out.path(MODEL_FILE), out.path(merged_name(w)))
         out.extra["neon"] = _summary(w, why, evaluation)
     if w == 0:

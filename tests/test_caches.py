@@ -71,3 +71,29 @@ def test_sample_shards_are_keyed_by_the_sampling_code(tmp_path, monkeypatch):
     assert sample.work_dir("base-digest", p.model_dump()) == keyed
     monkeypatch.setattr(code, "ROOT", edited_copy(tmp_path, "models/sampling.py"))
     assert sample.work_dir("base-digest", p.model_dump()) != keyed
+
+
+def test_merge_writes_the_chosen_model_and_on_request_every_sweep_weight(pipeline, monkeypatch):
+    """merge.w: best writes the evaluation's w; keep_sweep adds one checkpoint per sweep weight, the chosen one's
+    bytes under both names; each equals the in-memory merge."""
+    import torch
+
+    from models import checkpoint
+    from models.merge import merge as merged_in_memory
+    from stages import merge
+
+    monkeypatch.chdir(pipeline)
+    p = tiny(**{"merge.keep_sweep": True, "merge.w": 0.5})
+    evaluate.run(p.evaluate, p.sample, p.model, p.merge)
+    manifest = merge.run(p.merge)
+    assert manifest["neon"]["w"] == 0.5 and manifest["neon"]["chosen_by"] == "merge.w"
+    assert set(manifest["files"]) == {"model.safetensors", *(merge.merged_name(w) for w in p.merge.weights)}
+    folder = pipeline / "artifacts/merged"
+    assert (folder / "model.safetensors").read_bytes() == (folder / merge.merged_name(0.5)).read_bytes()
+    base, _ = checkpoint.read(pipeline / "artifacts/base/model.safetensors")
+    tuned, _ = checkpoint.read(pipeline / "artifacts/selftrained/model.safetensors")
+    for w in p.merge.weights:
+        got, meta = checkpoint.read(folder / merge.merged_name(w))
+        assert float(meta["neon_w"]) == w
+        want = merged_in_memory(base, tuned, w)
+        assert all(torch.equal(got[k], want[k]) for k in want)
