@@ -7,6 +7,9 @@
 #
 #   bash bench/gpu.sh                                    # on the GPU machine (OUT defaults to bench/runs/gpu-<date>)
 #   NEON_GPU_SCALE=tiny PYTHON=... bash bench/gpu.sh     # a dry run of the same script on a CPU, in about 2 minutes
+#   NEON_GPU_PARTS="table" bash bench/gpu.sh             # only some parts (tests bench-train bench-sample table)
+# At the end everything under $OUT is also packed into $OUT/gpu-run.tgz: the device tool brings back only a
+# limited number of files.
 #
 # The GPU machine's python has torch, numpy, scipy, pandas, safetensors, PyYAML, Pillow, matplotlib (see
 # ../shared/measurements/gpu-machine.md); the wheels it lacks travel in bench/wheels/ (`make gpu-wheels`).
@@ -19,8 +22,10 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 SITE=$(mktemp -d)/site
 started=$(date +%s)
+PARTS=" ${NEON_GPU_PARTS:-tests bench-train bench-sample table} "
 part() {  # part NAME SECONDS CMD...: run one part with a time limit, its output in $OUT/NAME.log
   local name=$1 limit=$2; shift 2
+  [[ $PARTS == *" $name "* ]] || return 0
   local t0; t0=$(date +%s)
   echo "=== $name (limit ${limit}s, at +$((t0 - started))s)"
   timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
@@ -79,3 +84,4 @@ part table 240 "$PY" bench/reproduce.py --families flow edm --no-toys --no-contr
   --params "$TABLE_PARAMS" --results "$OUT/table"
 echo "=== done in $(( $(date +%s) - started ))s; parts (name exit seconds):"
 cat "$OUT/parts.txt"
+tar czf "$OUT/gpu-run.tgz" --exclude gpu-run.tgz -C "$OUT" . 2>/dev/null || true
