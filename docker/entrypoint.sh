@@ -58,7 +58,8 @@ if [ -n "${NEON_DVC_REMOTE_URL:-}" ]; then
     dvc remote modify --local store url "$NEON_DVC_REMOTE_URL"
 fi
 if [ -n "${AWS_ENDPOINT_URL_S3:-}" ]; then
-    for remote in store exps; do  # the default remote and the experiments' (see README, "Experiments")
+    # the default remote, the experiments' (README, "Experiments") and each tracked input's bucket (`neon track`)
+    for remote in store exps $(dvc remote list | awk '$1 ~ /^input-/ {print $1}'); do
         dvc remote modify --local "$remote" endpointurl "$AWS_ENDPOINT_URL_S3"
     done
 fi

@@ -3,6 +3,8 @@
   neon store up|down|status|ls    the embedded SeaweedFS object store (127.0.0.1 only)
   neon store env                  its endpoint and local credentials as `export` lines (eval "$(neon store env)")
   neon store put PATH [S3_URI]    upload your checkpoint or images; prints the params lines that use them
+  neon track data|base SOURCE     import images (data) or a checkpoint (base) from s3:// or a local path
+                                  into inputs/, so that DVC sees them change; prints the params line
   neon prefect up|down|status     a local Prefect API server that the stages' flows then use
   neon lineage PATH_OR_S3_URI     the chain of artifacts, code and params behind an artifact;
                                   one object version: s3://BUCKET/KEY?versionId=V or --version-id V
@@ -18,39 +20,16 @@ import json
 import sys
 from pathlib import Path
 
-from flows import ROOT, SERVICES
+from flows import ROOT, SERVICES, inputs
 from stages import lineage, store
-
-
-DVC_REMOTES = ("store", "exps")  # the version-aware default remote; the content-addressed one for experiments
-
-
-def _write_dvc_local(info: store.StoreInfo) -> None:
-    """Point the DVC remotes at the embedded store (machine-local: .dvc/config.local is git-ignored)."""
-    path = ROOT / ".dvc" / "config.local"
-    cfg = configparser.ConfigParser()
-    cfg.read(path)
-    creds = store.credentials()
-    settings = store.s3_settings()  # DVC's own S3 client: the same short timeouts (its retries: AWS_MAX_ATTEMPTS)
-    for remote in DVC_REMOTES:
-        section = f"'remote \"{remote}\"'"
-        if not cfg.has_section(section):
-            cfg.add_section(section)
-        cfg[section].update(endpointurl=info.endpoint, access_key_id=creds["AWS_ACCESS_KEY_ID"],
-                            secret_access_key=creds["AWS_SECRET_ACCESS_KEY"],
-                            connect_timeout=f"{settings['NEON_S3_CONNECT_TIMEOUT']:g}",
-                            read_timeout=f"{settings['NEON_S3_READ_TIMEOUT']:g}")
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as f:
-        cfg.write(f)
-    tmp.replace(path)
+from stages.inputs import ROLES
 
 
 def cmd_store(args) -> int:
     state = SERVICES / store.DEFAULT_STATE_DIR  # the checkout, or the one an experiment's workspace came from
     if args.action == "up":
         info = store.start(state)
-        _write_dvc_local(info)
+        inputs.write_dvc_local(info.endpoint)
         print(f"store up: {info.endpoint} bucket s3://{info.bucket} (versioned), data {info.data_dir}, pid {info.pid}")
     elif args.action == "down":
         print("store stopped" if store.stop(state) else "store was not running")
@@ -114,9 +93,21 @@ def _put(state: Path, args) -> int:
     if src.is_dir():
         print(f"folder digest {directory_digest(digests)} ({len(files)} files). Use it as\n"
               f"  data.source: s3://{key}/        (images: class sub-folders give labels)\n"
-              f"  base.checkpoint: s3://{key}/    (a diffusers UNet2DModel folder)")
+              f"  base.checkpoint: s3://{key}/    (a diffusers UNet2DModel folder)\n"
+              f"or, so that DVC sees it change: `neon track data s3://{key}` (or `neon track base ...`)")
     else:
-        print(f"sha256 {digests[src.name]}. Use it as\n  base.checkpoint: s3://{key}\n  base.sha256: {digests[src.name]}")
+        print(f"sha256 {digests[src.name]}. Use it as\n  base.checkpoint: s3://{key}\n  base.sha256: {digests[src.name]}\n"
+              f"or, so that DVC sees it change: `neon track base s3://{key}`")
+    return 0
+
+
+def cmd_track(args) -> int:
+    tracked = inputs.track(args.role, args.source, args.name)
+    pinned = "pinned by S3 version ids" if tracked.version_aware else "pinned by checksums"
+    print(f"tracked {tracked.source} as {tracked.path} ({pinned}; from {tracked.url})\n"
+          f"Use it in params.yaml:\n  {ROLES[args.role]}: {tracked.path}\n"
+          f"and commit {tracked.dvc_file} with git. `dvc status` reports a change at the source; `dvc repro` "
+          f"re-imports it and reruns what depends on it.")
     return 0
 
 
@@ -197,7 +188,7 @@ def _worker_env() -> dict[str, str]:
     if not (env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")) and \
             (info := store.read_info(SERVICES / store.DEFAULT_STATE_DIR)) is not None:
         env.update(store.s3_env(info.endpoint))
-    if "127.0.0.1" in (env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or ""):
+    if store.is_local(env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")):
         env.update(store.credentials())
     return env
 
@@ -291,6 +282,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("action", choices=["up", "down", "status", "ls", "env", "put"])
     p.add_argument("paths", nargs="*", help="put: PATH (a file or a folder) and optionally the s3:// URI to put it at")
     p.set_defaults(fn=cmd_store)
+    p = sub.add_parser("track", help="import an input into inputs/ so that DVC sees it change",
+                       description="Import SOURCE (s3://BUCKET/KEY, a folder, a .zip or a checkpoint file) with "
+                       "`dvc import-url` into inputs/data/NAME (images: data.source) or inputs/base/NAME (a "
+                       "checkpoint: base.checkpoint), the folders the data and fetch stages depend on.")
+    p.add_argument("role", choices=sorted(ROLES))
+    p.add_argument("source", help="s3://BUCKET/KEY (the embedded store, or AWS_ENDPOINT_URL_S3's) or a local path")
+    p.add_argument("--name", default=None, help="the import's name under inputs/ROLE/ (default: SOURCE's last part)")
+    p.set_defaults(fn=cmd_track)
     p = sub.add_parser("prefect", help="a local Prefect API server for the flows")
     p.add_argument("action", choices=["up", "down", "status"])
     p.set_defaults(fn=cmd_prefect)

@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from models import toy_target
-from stages import sources
+from stages import inputs, sources
 from stages.artifacts import artifact
 from stages.common import DATA, log, save_images
+from stages.locations import BUILT_IN_SOURCES
 
 if TYPE_CHECKING:  # annotations only: validating params (all families' schemas) is the entry point's job
     from stages.params import DataParams
@@ -55,7 +56,13 @@ def run(p: DataParams) -> dict:
             keep = np.sort(np.random.default_rng(0).permutation(len(images))[:p.limit])
             images, labels = images[keep], None if labels is None else labels[keep]
     digest = sources.content_digest(images, labels)
-    with artifact(DATA, "data", p.model_dump(), inputs={"source": {"path": origin, "digest": digest}}) as out:
+    source_ref = {"path": origin, "digest": digest}
+    if p.source not in BUILT_IN_SOURCES:
+        if imported := inputs.imported_from(p.source):
+            source_ref["imported_from"] = imported
+        if note := inputs.untracked_note("data", p.source):
+            log(f"[data] {note}")
+    with artifact(DATA, "data", p.model_dump(), inputs={"source": source_ref}) as out:
         save_images(out.path("images.npz"), images, labels)
         out.extra["data"] = {"count": int(len(images)), "shape": list(images.shape[1:]),
                              "kind": "vector" if population else "image",

@@ -7,11 +7,12 @@ by the digest of its contents (names and file digests) and converted by the fami
 """
 from __future__ import annotations
 
+import hashlib
 import shutil
 import tempfile
 from pathlib import Path, PurePosixPath
 
-from stages import store
+from stages import inputs, store
 from models import checkpoint, family as families
 from stages.artifacts import MANIFEST, artifact, directory_digest, input_ref, parse_manifest, sha256_file
 from stages.common import BASE, MODEL_FILE, TRAIN, WORK, StageError, log
@@ -60,6 +61,18 @@ def _convert_folder(source: str, folder: Path, dest: Path, digest: str, model_p:
     state, config = fam.read_folder(folder)
     checkpoint.save(dest, state, model_p.family, {**config, "label_dropout": model_p.label_dropout},
                     extra={"imported_from": source, "folder_digest": digest})
+
+
+def _verify_import(source: str, dest: Path, imported: dict) -> None:
+    """A checkpoint `neon track` imported is pinned by its .dvc file (in git), which `dvc status` checks
+    against the source; here the copy is checked against it (a folder's DVC checks when it checks out)."""
+    pinned = str(imported.get("md5") or "")
+    if pinned and not pinned.endswith(".dir"):
+        with open(dest, "rb") as f:
+            found = hashlib.file_digest(f, "md5").hexdigest()
+        if found != pinned:
+            raise StageError(f"{source} has md5 {found} but {imported['dvc_file']} pins {pinned}: run "
+                             f"`dvc checkout {imported['dvc_file']}` (or `dvc update` it to take the source's change)")
 
 
 def _verify(source: str, digest: str, want: str) -> None:
@@ -123,6 +136,14 @@ def run(base_p: BaseParams, model_p: ModelParams) -> dict:
     source = base_p.checkpoint or (TRAIN / MODEL_FILE).as_posix()
     beside = _manifest_beside(source)
     want = base_p.sha256 or (beside["files"][PurePosixPath(source).name] if beside else "")
+    imported = inputs.imported_from(source) if base_p.checkpoint else None
+
+    def verify(dest: Path, digest: str) -> None:
+        if imported and not want:
+            _verify_import(source, dest, imported)
+        else:
+            _verify(source, digest, want)
+
     params = base_p.model_dump()
     with artifact(BASE, "fetch", params, inputs={}) as out:
         dest = out.path(MODEL_FILE)
@@ -131,12 +152,12 @@ def run(base_p: BaseParams, model_p: ModelParams) -> dict:
             with tempfile.TemporaryDirectory(dir=WORK) as tmp:
                 origin = _download_folder(source, Path(tmp) / "folder")
                 digest = origin.pop("digest")
-                _verify(source, digest, want)
+                verify(Path(tmp) / "folder", digest)
                 _convert_folder(source, Path(tmp) / "folder", dest, digest, model_p)
         else:
             origin = _download(source, dest)
             digest = sha256_file(dest)
-            _verify(source, digest, want)
+            verify(dest, digest)
         _, family, config = load(dest, model_p)
         if not base_p.checkpoint:
             out.manifest["inputs"] = {"checkpoint": input_ref(TRAIN)}
@@ -144,8 +165,13 @@ def run(base_p: BaseParams, model_p: ModelParams) -> dict:
             ref = {"path": source, "sha256": digest, **origin}
             if beside:
                 ref["digest"] = beside["digest"]
+            if imported:
+                ref["imported_from"] = imported
             out.manifest["inputs"] = {"checkpoint": ref}
         out.extra["checkpoint"] = {"sha256": digest, "source": source, "config": {"family": family.name, "config": config},
                                    **origin}
-    log(f"[fetch] {source} -> {BASE / MODEL_FILE} (sha256 {digest[:16]}..., verified)")
+    pin = f"pinned by {imported['dvc_file']}" if imported and not want else "verified"
+    log(f"[fetch] {source} -> {BASE / MODEL_FILE} (sha256 {digest[:16]}..., {pin})")
+    if base_p.checkpoint and (note := inputs.untracked_note("base", source)):
+        log(f"[fetch] {note}")
     return out.manifest

@@ -8,6 +8,7 @@ import os
 import re
 from pathlib import Path
 
+BUILT_IN_SOURCES = ("mnist", "toy2d", "fashion-mnist")  # data.source names that are data, not locations
 PROJECT_FOLDERS = ("artifacts", ".neon", ".git")  # the project's own state: never an input named in params
 
 

@@ -458,7 +458,8 @@ def _datasets(handle: RunHandle, manifest: Mapping[str, Any], made_by: str) -> t
         path = str(ref.get("path", ""))
         if not path:
             continue
-        namespace, ds_name = dataset(path, root, where)
+        # an input `neon track` imported is named where it lives (its S3 URI), not by its local copy
+        namespace, ds_name = dataset((ref.get("imported_from") or {}).get("url") or path, root, where)
         pinned = path.partition(VERSION_QUERY)[2] or ref.get("version_id")
         digest = ref.get("digest")
         facets = {**version_facet(digest or ref.get("sha256") or pinned),

@@ -20,14 +20,13 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationI
 
 from models import family as families
 from models.errors import InputError
-from stages.locations import check_location
+from stages.locations import BUILT_IN_SOURCES, check_location
 
 PARAMS_FILE = Path("params.yaml")
 PositiveInt = Annotated[int, Field(gt=0)]
 MAX_INT = 2 ** 63 - 1  # torch/numpy take 64-bit integers (seeds, counts); a larger one would overflow there
 MAX_VALUES = 100_000  # values in params.yaml once YAML aliases are expanded (the real file has ~200)
 MAX_DEPTH = 32  # nesting of mappings and lists (the real file: 5)
-BUILTIN_SOURCES = ("mnist", "toy2d", "fashion-mnist")
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".joblib")  # unpickling runs code
 
 
@@ -72,7 +71,7 @@ class DataParams(Section):
     @field_validator("source")
     @classmethod
     def _location(cls, v: str, info: ValidationInfo) -> str:
-        return v if v in BUILTIN_SOURCES else check_location(v, _root(info), "data location")
+        return v if v in BUILT_IN_SOURCES else check_location(v, _root(info), "data location")
 
 
 class ModelBase(Section):

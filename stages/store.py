@@ -292,21 +292,33 @@ def stop(state_dir: Path | None = None, timeout: float = 20) -> bool:
     return True
 
 
+def default_endpoint() -> str | None:
+    """AWS_ENDPOINT_URL_S3 (or AWS_ENDPOINT_URL); else the embedded store's when one runs for `services_root()`;
+    else None: AWS itself."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if not endpoint and (embedded := read_info()) is not None:
+        endpoint = embedded.endpoint
+    return endpoint or None
+
+
+def is_local(endpoint: str | None) -> bool:
+    """An endpoint on this machine: the embedded store, which takes its own local-only credentials."""
+    return bool(endpoint) and "127.0.0.1" in endpoint
+
+
 def filesystem(endpoint: str | None = None, attempts: int | None = None):
     """An s3fs filesystem for `endpoint`, with bounded retries and timeouts (`s3_settings()`; `attempts`
     overrides NEON_S3_RETRIES, e.g. 1 to poll a store that is starting).
 
-    Default: AWS_ENDPOINT_URL_S3 (or AWS_ENDPOINT_URL); else the embedded store when one runs for
-    `services_root()` (this checkout, or the one an experiment's temporary workspace came from), with its
-    local-only credentials; else AWS itself.
+    Default: `default_endpoint()`: AWS_ENDPOINT_URL_S3 (or AWS_ENDPOINT_URL); else the embedded store when one
+    runs for `services_root()` (this checkout, or the one an experiment's temporary workspace came from), with
+    its local-only credentials; else AWS itself.
     """
     import s3fs
 
     settings = s3_settings()
-    endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if not endpoint and (embedded := read_info()) is not None:
-        endpoint = embedded.endpoint
-    creds = credentials() if endpoint and "127.0.0.1" in endpoint else {}
+    endpoint = endpoint or default_endpoint()
+    creds = credentials() if is_local(endpoint) else {}
     fs = s3fs.S3FileSystem(key=creds.get("AWS_ACCESS_KEY_ID"), secret=creds.get("AWS_SECRET_ACCESS_KEY"),
                            endpoint_url=endpoint, version_aware=True, skip_instance_cache=True,
                            client_kwargs={"region_name": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")},
