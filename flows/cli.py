@@ -106,8 +106,8 @@ def cmd_track(args) -> int:
     pinned = "pinned by S3 version ids" if tracked.version_aware else "pinned by checksums"
     print(f"tracked {tracked.source} as {tracked.path} ({pinned}; from {tracked.url})\n"
           f"Use it in params.yaml:\n  {ROLES[args.role]}: {tracked.path}\n"
-          f"and commit {tracked.dvc_file} with git. `dvc status` reports a change at the source; `dvc repro` "
-          f"re-imports it and reruns what depends on it.")
+          f"and commit the import: git add {' '.join(tracked.git_files)}\n"
+          f"`dvc status` reports a change at the source; `dvc repro` re-imports it and reruns what depends on it.")
     return 0
 
 

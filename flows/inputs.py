@@ -71,16 +71,18 @@ def write_dvc_local(endpoint: str, remotes: tuple[str, ...] | None = None) -> No
     _write(path, cfg)
 
 
-def _input_remote(bucket: str, endpoint: str) -> str:
-    """The DVC remote `input-<bucket>` (URL in .dvc/config, endpoint and keys in .dvc/config.local)."""
+def _input_remote(bucket: str, endpoint: str) -> tuple[str, bool]:
+    """The DVC remote `input-<bucket>` (URL in .dvc/config, endpoint and keys in .dvc/config.local), and
+    whether it was added now."""
     name = INPUT_REMOTE + bucket
     path, cfg = _config("config")
-    if not cfg.has_section(_section(name)):
+    added = not cfg.has_section(_section(name))
+    if added:
         cfg.add_section(_section(name))
         cfg[_section(name)]["url"] = f"s3://{bucket}"
         _write(path, cfg)
     write_dvc_local(endpoint, (name,))
-    return name
+    return name, added
 
 
 @dataclass
@@ -90,6 +92,7 @@ class Tracked:
     path: str  # the import, relative to the project: what the param names
     dvc_file: str
     version_aware: bool
+    git_files: list[str]  # what to commit: the .dvc file, the .gitignore DVC edited, .dvc/config for a new remote
 
 
 def _dvc(*args: str) -> str:
@@ -101,8 +104,9 @@ def _dvc(*args: str) -> str:
     return proc.stdout
 
 
-def _s3_url(source: str) -> tuple[str, bool]:
-    """(URL for DVC, whether the bucket keeps versions) of an s3:// source, which must exist."""
+def _s3_url(source: str) -> tuple[str, bool, bool]:
+    """(URL for DVC, whether the bucket keeps versions, whether a DVC remote was added for it) of an s3://
+    source, which must exist."""
     bucket, _, key = source[len("s3://"):].partition("/")
     endpoint = store.default_endpoint()
     fs = store.filesystem(endpoint)
@@ -112,8 +116,9 @@ def _s3_url(source: str) -> tuple[str, bool]:
                                     "(`neon store put PATH S3_URI`)")
         versioned = bool(fs.is_bucket_versioned(bucket))
     if endpoint is None:  # AWS itself: DVC's S3 client finds it and the credentials as usual
-        return f"s3://{bucket}/{key.rstrip('/')}", versioned
-    return f"{inputs.REMOTE_SCHEME}{_input_remote(bucket, endpoint)}/{key.rstrip('/')}", versioned
+        return f"s3://{bucket}/{key.rstrip('/')}", versioned, False
+    remote, added = _input_remote(bucket, endpoint)
+    return f"{inputs.REMOTE_SCHEME}{remote}/{key.rstrip('/')}", versioned, added
 
 
 def track(role: str, source: str, name: str | None = None) -> Tracked:
@@ -127,8 +132,9 @@ def track(role: str, source: str, name: str | None = None) -> Tracked:
     if (ROOT / dest).exists() or (ROOT / f"{dest}.dvc").exists():
         raise RuntimeError(f"{dest} already exists; to take the source's latest content run `dvc update {dest}.dvc`, "
                            f"to track another source under it first `dvc remove {dest}.dvc`")
+    added = False
     if source.startswith("s3://"):
-        url, version_aware = _s3_url(source)
+        url, version_aware, added = _s3_url(source)
     elif "://" in source:
         raise RuntimeError(f"{source}: track an s3:// URI or a local path")
     else:
@@ -144,4 +150,5 @@ def track(role: str, source: str, name: str | None = None) -> Tracked:
     # unfrozen: `dvc repro` then re-imports a changed source, like an external dependency, instead of only
     # `dvc update` doing it
     _dvc("unfreeze", f"{dest}.dvc")
-    return Tracked(source, url, dest.as_posix(), f"{dest}.dvc", version_aware)
+    git_files = [f"{dest}.dvc", f"{dest.parent}/.gitignore", *([".dvc/config"] if added else [])]
+    return Tracked(source, url, dest.as_posix(), f"{dest}.dvc", version_aware, git_files)
