@@ -83,6 +83,21 @@ def test_a_changed_image_or_checkpoint_in_the_store_shows_in_dvc_status_and_reru
         fetched = json.loads((root / "artifacts" / "base" / "manifest.json").read_text())
         assert fetched["inputs"]["checkpoint"]["imported_from"]["url"] == "s3://neon/user/base.safetensors"
         assert "changed" not in run(["dvc", "status", "data", "fetch"], root, env).stdout
+        events = [json.loads(line) for line in (root / ".neon" / "openlineage" / "events.jsonl").open()]
+        data_inputs = [d for e in events if e["eventType"] == "COMPLETE" and e["job"]["name"].endswith("data")
+                       for d in e["inputs"]]
+        assert {"namespace": "s3://neon", "name": "user/digits"} in [
+            {k: d[k] for k in ("namespace", "name")} for d in data_inputs]  # named where it lives
+
+        # a copy that is not what the .dvc file pins is refused by fetch
+        tracked_copy = root / "inputs" / "base" / "base.safetensors"
+        pinned = tracked_copy.read_bytes()
+        tracked_copy.unlink()  # DVC may have linked it to its cache: replace, never write through
+        tracked_copy.write_bytes(pinned[:-1] + bytes([pinned[-1] ^ 1]))
+        refused = run(["python", "-m", "flows", "fetch"], root, env, check=False)
+        assert refused.returncode != 0 and "inputs/base/base.safetensors.dvc pins" in refused.stderr, refused.stderr[-2000:]
+        tracked_copy.unlink()
+        tracked_copy.write_bytes(pinned)
 
         # one image changes in the store (another digit under the same name), and the checkpoint is retrained
         fs = store.filesystem(s3_store.endpoint)
