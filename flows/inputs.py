@@ -5,11 +5,11 @@ remotes that live in the store: `store` (version-aware, the pipeline's artifacts
 experiments) and one `input-<bucket>` per bucket an input was tracked from.
 
 `track`: a user's images or checkpoint, an s3:// prefix or object or a local folder, file or zip, imported
-with `dvc import-url` into `inputs/data/` or `inputs/base/`, the folders the `data` and `fetch` stages depend
-on (stages/inputs.py). The import's `.dvc` file, committed with git, records where the input came from and,
-per file, its ETag and size, or in a versioned bucket its version id. It is left unfrozen, so DVC treats it
-as an external dependency: `dvc status` compares it with its source and reports a change, and `dvc repro`
-re-imports it and reruns what depends on it, no `-f` needed.
+with `dvc import-url` into `inputs/data/` or `inputs/base/` and named in `inputs/tracked.yaml`, which makes
+it a dependency of the `data` or `fetch` stage (stages/inputs.py). The import's `.dvc` file, committed with
+git, records where the input came from and, per file, its ETag and size, or in a versioned bucket its
+version id. It is left unfrozen, so DVC treats it as an external dependency: `dvc status` compares it with
+its source and reports a change, and `dvc repro` re-imports it and reruns what depends on it, no `-f`.
 """
 from __future__ import annotations
 
@@ -121,10 +121,30 @@ def _s3_url(source: str) -> tuple[str, bool, bool]:
     return f"{inputs.REMOTE_SCHEME}{remote}/{key.rstrip('/')}", versioned, added
 
 
+def _follow(role: str, path: str) -> None:
+    """Name `path` for `role` in inputs/tracked.yaml (its comments kept), atomically."""
+    file = ROOT / inputs.TRACKED
+    entries = inputs.tracked(ROOT) | {role: path}
+    text = file.read_text() if file.exists() else "tracked:\n"
+    head = text[:text.index("tracked:")] if "tracked:" in text else text
+    tmp = file.with_suffix(".tmp")
+    tmp.write_text(head + "tracked:\n" + "".join(f"  {r}: {entries[r]}\n" for r in inputs.ROLES))
+    tmp.replace(file)
+
+
 def track(role: str, source: str, name: str | None = None) -> Tracked:
-    """Import `source` into inputs/<role>/<name> (default: its last path component) so that DVC sees it."""
+    """Import `source` into inputs/<role>/<name> (default: its last path component) and make it the input DVC
+    follows for `role`; for a source that already is an import there, only the latter."""
     if role not in inputs.ROLES:
         raise RuntimeError(f"{role!r}: track `data` (data.source) or `base` (base.checkpoint)")
+    existing = Path(source.rstrip("/"))
+    if "://" not in source and (ROOT / f"{existing}.dvc").is_file() and \
+            (ROOT / existing).resolve().parent == (ROOT / inputs.folder(role)).resolve():
+        path = (ROOT / existing).resolve().relative_to(ROOT.resolve()).as_posix()
+        _follow(role, path)
+        imported = inputs.imported_from(str(ROOT / path)) or {}
+        return Tracked(source, imported.get("url", ""), path, f"{path}.dvc", bool(imported.get("version_aware")),
+                       [inputs.TRACKED.as_posix()])
     name = name or PurePosixPath(source.rstrip("/")).name
     if not name or name in (".", ".."):
         raise RuntimeError(f"{source}: give the input a name with --name")
@@ -150,5 +170,7 @@ def track(role: str, source: str, name: str | None = None) -> Tracked:
     # unfrozen: `dvc repro` then re-imports a changed source, like an external dependency, instead of only
     # `dvc update` doing it
     _dvc("unfreeze", f"{dest}.dvc")
-    git_files = [f"{dest}.dvc", f"{dest.parent}/.gitignore", *([".dvc/config"] if added else [])]
+    _follow(role, dest.as_posix())
+    git_files = [f"{dest}.dvc", f"{dest.parent}/.gitignore", inputs.TRACKED.as_posix(),
+                 *([".dvc/config"] if added else [])]
     return Tracked(source, url, dest.as_posix(), f"{dest}.dvc", version_aware, git_files)

@@ -1,8 +1,13 @@
-"""What DVC sees of a stage's outside input: `inputs/data/` is a dependency of `data`, `inputs/base/` of
-`fetch` (dvc.yaml). A source under that folder reruns its stage when it changes; one anywhere else (an
-s3:// prefix, a folder elsewhere) is read as it is at run time, and DVC cannot tell that it changed.
-`neon track` (flows/inputs.py) imports such a source into the folder with `dvc import-url`; the import's
-`.dvc` file says where it came from, which the stage records in its manifest's input.
+"""What DVC sees of a stage's outside input. `inputs/tracked.yaml` names, per stage, the import it depends on
+(dvc.yaml reads the file as `vars`): `data` depends on `tracked.data`, `fetch` on `tracked.base`.
+`neon track` (flows/inputs.py) imports a source (an s3:// prefix or object, a local folder, zip or file)
+under `inputs/<role>/` with `dvc import-url` and names it there; the import's `.dvc` file says where it came
+from, which the stage records in its manifest's input. A source DVC does not follow is read as it is at
+run time, and DVC cannot tell that it changed: the stage says so in its log.
+
+(A dependency on the folder `inputs/<role>/` would be simpler, but DVC 3.67's version-aware `dvc push`
+rewrites dvc.lock without the hash of a directory dependency that no stage outputs, so every push would
+make the stage look changed. An import is an output, and its hash survives.)
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from pathlib import Path, PurePosixPath
 import yaml
 
 INPUTS = Path("inputs")  # relative to the project root, where the stages run
+TRACKED = INPUTS / "tracked.yaml"
 ROLES = {"data": "data.source", "base": "base.checkpoint"}  # inputs/<role>/ feeds this param
 REMOTE_SCHEME = "remote://"
 
@@ -20,19 +26,34 @@ def folder(role: str) -> Path:
     return INPUTS / role
 
 
+def placeholder(role: str) -> str:
+    """What tracked.yaml names while nothing is tracked for `role`: the folder's README."""
+    return (folder(role) / "README.md").as_posix()
+
+
+def tracked(root: Path | str = ".") -> dict[str, str]:
+    """role -> the path in inputs/tracked.yaml (the placeholder README when the file or entry is missing)."""
+    try:
+        entries = (yaml.safe_load((Path(root) / TRACKED).read_text()) or {}).get("tracked") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        entries = {}
+    return {role: str(entries.get(role) or placeholder(role)) for role in ROLES}
+
+
 def is_seen(role: str, source: str) -> bool:
-    """Whether `source` lies in `inputs/<role>/`, the folder the stage depends on."""
+    """Whether `source` is (or lies in) the import that tracked.yaml names for `role`."""
     if "://" in source:
         return False
-    return Path(source).resolve().is_relative_to(folder(role).resolve())
+    followed = tracked()[role]
+    return followed != placeholder(role) and Path(source).resolve().is_relative_to(Path(followed).resolve())
 
 
 def untracked_note(role: str, source: str) -> str | None:
-    """The log line for a source DVC does not see, with the command that makes it seen; None when it is seen."""
+    """The log line for a source DVC does not follow, with the command that makes it followed; None when it is."""
     if is_seen(role, source):
         return None
     name = PurePosixPath(source.rstrip("/")).name or "input"
-    return (f"note: DVC does not see {source} (only {folder(role)}/ is a dependency of this stage), so a change "
+    return (f"note: DVC does not follow {source} ({TRACKED} names {tracked()[role]} for this stage), so a change "
             f"there reruns nothing; track it with `neon track {role} {source}`, then {ROLES[role]}: "
             f"{folder(role)}/{name}")
 

@@ -141,14 +141,15 @@ def _port_free(port: int) -> bool:
             return False
 
 
-def free_port_pair(start: int = 20000) -> int:
-    """A port p with p and p+10000 free: SeaweedFS puts each service's gRPC port at +10000."""
+def free_port_pair(start: int = 20000, taken: frozenset[int] = frozenset()) -> int:
+    """A port p with p and p+10000 free and neither in `taken` (ports already chosen for another service):
+    SeaweedFS puts each service's gRPC port at +10000."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         seed = s.getsockname()[1]
     for offset in range(0, 25000, 7):
         p = start + (seed + offset) % 25000
-        if _port_free(p) and _port_free(p + 10000):
+        if p not in taken and p + 10000 not in taken and _port_free(p) and _port_free(p + 10000):
             return p
     raise StoreError("no free port pair found on 127.0.0.1")
 
@@ -236,10 +237,10 @@ def _previous_ports(state_dir: Path) -> dict[str, int] | None:
 def _choose_ports(state_dir: Path) -> dict[str, int]:
     """The previous ports when free (the endpoint stays valid across a restart), else new free ones."""
     ports = _previous_ports(state_dir)
-    if ports is None:
-        ports = {name: free_port_pair(base) for name, base in PORT_BASES.items()}
-        if len(set(ports.values())) < len(ports):
-            raise StoreError(f"port collision {ports}; retry")
+    if ports is None:  # four distinct pairs: two services drawing the same free port would collide at start
+        ports = {}
+        for name, base in PORT_BASES.items():
+            ports[name] = free_port_pair(base, frozenset(q + d for q in ports.values() for d in (0, 10000)))
     tmp = state_dir / (PORTS_FILE + ".tmp")
     tmp.write_text(json.dumps(ports))
     tmp.replace(state_dir / PORTS_FILE)

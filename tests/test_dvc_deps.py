@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from stages import code
+from stages import code, inputs
 from tests.conftest import REPO
 
 STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
@@ -26,7 +26,9 @@ def test_dvc_yaml_lists_exactly_the_stage_code(stage):
     assert {"flows/__main__.py", "flows/stages.py", f"stages/{stage}.py"} <= set(want)
     assert sorted(code_deps(stage)) == want, (
         f"dvc.yaml stage {stage}: deps must list the code the stage runs:\n  " + ", ".join(want))
+    followed = {f"${{tracked.{role}}}": path for role, path in inputs.tracked(REPO).items()}  # dvc.yaml's vars
     for dep in STAGES[stage]["deps"]:
+        dep = followed.get(dep, dep)
         assert (REPO / dep).exists() or dep.startswith("artifacts/"), f"{stage}: {dep} does not exist"
 
 

@@ -31,7 +31,8 @@ def _png(array: np.ndarray) -> bytes:
 def _tracking(root: Path, env: dict, info):
     """The project as a user who runs `neon store put` / `neon track` has it, put back afterwards: the imports
     removed, the DVC config and inputs/ as they were, then params, lock and outputs (`restored`)."""
-    kept = {p: p.read_bytes() for p in [root / ".dvc" / "config", root / ".dvc" / "config.local"]}
+    kept = {p: p.read_bytes() for p in [root / ".dvc" / "config", root / ".dvc" / "config.local",
+                                        root / "inputs" / "tracked.yaml"]}
     (root / ".neon" / "store").mkdir(parents=True, exist_ok=True)
     (root / ".neon" / "store" / "store.json").write_text(json.dumps(asdict(info)))
     with restored(root, env):
@@ -61,32 +62,33 @@ def test_a_changed_image_or_checkpoint_in_the_store_shows_in_dvc_status_and_reru
     shutil.copyfile(root / "artifacts" / "train" / "model.safetensors", base)
 
     with _tracking(root, env, s3_store):
-        run(["neon", "store", "put", str(folder), "s3://neon/user/digits"], root, env)
-        run(["neon", "store", "put", str(base), "s3://neon/user/base.safetensors"], root, env)
-        out = run(["neon", "track", "data", "s3://neon/user/digits"], root, env).stdout
+        run(["neon", "store", "put", str(folder), "s3://neon/tracked/digits"], root, env)
+        run(["neon", "store", "put", str(base), "s3://neon/tracked/base.safetensors"], root, env)
+        out = run(["neon", "track", "data", "s3://neon/tracked/digits"], root, env).stdout
         assert "data.source: inputs/data/digits" in out and "pinned by S3 version ids" in out, out
-        out = run(["neon", "track", "base", "s3://neon/user/base.safetensors"], root, env).stdout
+        out = run(["neon", "track", "base", "s3://neon/tracked/base.safetensors"], root, env).stdout
         assert "base.checkpoint: inputs/base/base.safetensors" in out, out
         # the .dvc files name the store through a remote alias: no endpoint or key in what git keeps
         dvc_file = (root / "inputs" / "data" / "digits.dvc").read_text()
-        assert "remote://input-neon/user/digits" in dvc_file and "version_id" in dvc_file
+        assert "remote://input-neon/tracked/digits" in dvc_file and "version_id" in dvc_file
         assert "127.0.0.1" not in dvc_file and "secret" not in dvc_file
+        assert inputs.tracked(root) == {"data": "inputs/data/digits", "base": "inputs/base/base.safetensors"}
 
         set_params(root, **{"data.source": "inputs/data/digits", "base.checkpoint": "inputs/base/base.safetensors"})
         run(["dvc", "repro", "data", "fetch"], root, env)
         manifest = json.loads((root / "artifacts" / "data" / "manifest.json").read_text())
         source = manifest["inputs"]["source"]
         assert {k: source["imported_from"][k] for k in ("url", "version_aware", "dvc_file")} == {
-            "url": "s3://neon/user/digits", "version_aware": True, "dvc_file": "inputs/data/digits.dvc"}
+            "url": "s3://neon/tracked/digits", "version_aware": True, "dvc_file": "inputs/data/digits.dvc"}
         first_digest = manifest["data"]["content_digest"]
         assert manifest["data"]["count"] == 40 and manifest["data"]["classes"] == 10
         fetched = json.loads((root / "artifacts" / "base" / "manifest.json").read_text())
-        assert fetched["inputs"]["checkpoint"]["imported_from"]["url"] == "s3://neon/user/base.safetensors"
+        assert fetched["inputs"]["checkpoint"]["imported_from"]["url"] == "s3://neon/tracked/base.safetensors"
         assert "changed" not in run(["dvc", "status", "data", "fetch"], root, env).stdout
         events = [json.loads(line) for line in (root / ".neon" / "openlineage" / "events.jsonl").open()]
         data_inputs = [d for e in events if e["eventType"] == "COMPLETE" and e["job"]["name"].endswith("data")
                        for d in e["inputs"]]
-        assert {"namespace": "s3://neon", "name": "user/digits"} in [
+        assert {"namespace": "s3://neon", "name": "tracked/digits"} in [
             {k: d[k] for k in ("namespace", "name")} for d in data_inputs]  # named where it lives
 
         # a copy that is not what the .dvc file pins is refused by fetch
@@ -102,13 +104,13 @@ def test_a_changed_image_or_checkpoint_in_the_store_shows_in_dvc_status_and_reru
         # one image changes in the store (another digit under the same name), and the checkpoint is retrained
         fs = store.filesystem(s3_store.endpoint)
         name = next(p for p in folder.rglob("*.png")).relative_to(folder).as_posix()
-        fs.pipe_file(f"neon/user/digits/{name}", _png(images[100, 0]))
+        fs.pipe_file(f"neon/tracked/digits/{name}", _png(images[100, 0]))
         tensors, meta = checkpoint.read(base)
         checkpoint.write_state(base, {k: v + 1e-3 if v.is_floating_point() else v for k, v in tensors.items()}, meta)
-        run(["neon", "store", "put", str(base), "s3://neon/user/base.safetensors"], root, env)
+        run(["neon", "store", "put", str(base), "s3://neon/tracked/base.safetensors"], root, env)
 
         status = run(["dvc", "status"], root, env).stdout
-        assert "inputs/data/digits.dvc" in status and "modified:" in status and "remote://input-neon/user/digits" in status
+        assert "inputs/data/digits.dvc" in status and "modified:" in status and "remote://input-neon/tracked/digits" in status
         assert "inputs/base/base.safetensors.dvc" in status, status
 
         repro = run(["dvc", "repro", "data", "fetch"], root, env).stdout  # no -f
@@ -117,6 +119,16 @@ def test_a_changed_image_or_checkpoint_in_the_store_shows_in_dvc_status_and_reru
         assert manifest["data"]["count"] == 40 and manifest["data"]["content_digest"] != first_digest
         refetched = json.loads((root / "artifacts" / "base" / "manifest.json").read_text())
         assert refetched["checkpoint"]["sha256"] != fetched["checkpoint"]["sha256"]
+        assert "changed" not in run(["dvc", "status", "data", "fetch"], root, env).stdout
+        # a version-aware push rewrites dvc.lock; the stages must still look unchanged after it (to a remote
+        # of this test's own: the session's `store` keeps the versions the other tests expect)
+        run(["dvc", "remote", "add", "pushcheck", "s3://neon/test-inputs-push"], root, env)
+        run(["dvc", "remote", "modify", "pushcheck", "version_aware", "true"], root, env)
+        for key, value in [("endpointurl", s3_store.endpoint),
+                           ("access_key_id", store.credentials()["AWS_ACCESS_KEY_ID"]),
+                           ("secret_access_key", store.credentials()["AWS_SECRET_ACCESS_KEY"])]:
+            run(["dvc", "remote", "modify", "--local", "pushcheck", key, value], root, env)
+        run(["dvc", "push", "-q", "-r", "pushcheck", "artifacts/data", "artifacts/base"], root, env)
         assert "changed" not in run(["dvc", "status", "data", "fetch"], root, env).stdout
 
 
@@ -141,15 +153,23 @@ def test_a_local_zip_is_tracked_and_its_change_shows_in_dvc_status(tmp_path):
     assert "inputs/data/digits.zip.dvc" in status and re.search(rf"modified:\s+{re.escape(str(archive))}", status), status
     again = run(["neon", "track", "data", str(archive)], project, env, check=False)
     assert again.returncode == 1 and "dvc update inputs/data/digits.zip.dvc" in again.stderr
+    # an earlier import is followed again by naming it
+    (project / "inputs" / "tracked.yaml").write_text("tracked:\n  data: inputs/data/README.md\n")
+    out = run(["neon", "track", "data", "inputs/data/digits.zip"], project, env).stdout
+    assert "data.source: inputs/data/digits.zip" in out
+    assert "data: inputs/data/digits.zip" in (project / "inputs" / "tracked.yaml").read_text()
 
 
-def test_a_source_elsewhere_gets_a_note_and_an_import_names_its_origin(tmp_path, monkeypatch):
+def test_a_source_dvc_does_not_follow_gets_a_note_and_an_import_names_its_origin(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "inputs" / "data").mkdir(parents=True)
-    assert inputs.untracked_note("data", "inputs/data/cats") is None
     note = inputs.untracked_note("data", "s3://bucket/cats/")
     assert "neon track data s3://bucket/cats/" in note and "data.source: inputs/data/cats" in note
     assert "neon track base /models/x.safetensors" in inputs.untracked_note("base", "/models/x.safetensors")
+    assert "neon track data inputs/data/cats" in inputs.untracked_note("data", "inputs/data/cats")  # not named
+    (tmp_path / "inputs" / "tracked.yaml").write_text("tracked:\n  data: inputs/data/cats\n")
+    assert inputs.untracked_note("data", "inputs/data/cats") is None
+    assert inputs.tracked() == {"data": "inputs/data/cats", "base": "inputs/base/README.md"}
 
     (tmp_path / ".dvc").mkdir()
     (tmp_path / ".dvc" / "config").write_text("['remote \"input-neon\"']\n    url = s3://neon\n")
