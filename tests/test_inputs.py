@@ -2,11 +2,13 @@
 inputs/, and a change at the source shows in `dvc status` and reruns what depends on it, without `-f`."""
 from __future__ import annotations
 
+import configparser
 import io
 import json
 import os
 import re
 import shutil
+import sys
 import zipfile
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -18,7 +20,7 @@ from PIL import Image
 from models import checkpoint
 from stages import inputs, store
 from stages.data import _mnist_5k
-from tests.conftest import BIN, restored, run, set_params
+from tests.conftest import BIN, REPO, restored, run, set_params
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -178,3 +180,21 @@ def test_a_source_dvc_does_not_follow_gets_a_note_and_an_import_names_its_origin
     assert inputs.imported_from("inputs/data/cats") == {
         "url": "s3://neon/user/cats", "version_aware": True, "dvc_file": "inputs/data/cats.dvc", "md5": None}
     assert inputs.imported_from("inputs/data/dogs") is None
+
+
+def test_store_up_points_the_pipeline_and_input_remotes_at_the_store_and_leaves_other_endpoints(tmp_path):
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / ".dvc" / "config").write_text(
+        "['remote \"store\"']\n    url = s3://neon/dvc\n['remote \"input-neon\"']\n    url = s3://neon\n"
+        "['remote \"input-theirs\"']\n    url = s3://theirs\n")
+    (tmp_path / ".dvc" / "config.local").write_text(
+        "['remote \"input-theirs\"']\nendpointurl = https://minio.example.org\n")
+    env = {**os.environ, "NEON_ROOT": str(tmp_path)}
+    run([sys.executable, "-c", "from flows import inputs; inputs.write_dvc_local('http://127.0.0.1:4321')"],
+        REPO, env)
+    local = configparser.ConfigParser()
+    local.read(tmp_path / ".dvc" / "config.local")
+    for remote in ("store", "exps", "input-neon"):
+        assert local[f"'remote \"{remote}\"'"]["endpointurl"] == "http://127.0.0.1:4321"
+        assert local[f"'remote \"{remote}\"'"]["access_key_id"] == store.credentials()["AWS_ACCESS_KEY_ID"]
+    assert dict(local["'remote \"input-theirs\"'"]) == {"endpointurl": "https://minio.example.org"}
