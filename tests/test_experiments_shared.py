@@ -27,8 +27,13 @@ def test_an_experiment_pushed_from_one_clone_is_pulled_into_another(reproduced, 
     run(GIT + ["commit", "--quiet", "-m", "the first run's dvc.lock"], one, env)
     run(["dvc", "pull", "--quiet"], one, env)
 
-    out = run(["dvc", "exp", "run", "--name", "seed2", "--set-param", "finetune.seed=2"], one, env).stdout
+    # --temp: in a copy under .dvc/tmp/exps, with this clone's store and Prefect server (stages.store.services_root)
+    proc = run(["dvc", "exp", "run", "--temp", "--name", "seed2", "--set-param", "finetune.seed=2"], one, env)
+    out = proc.stdout + proc.stderr
     assert "Running stage 'finetune'" in out and "Running stage 'merge'" in out and "Running stage 'train'" not in out
+    assert "Model family: edm." in out
+    run(["dvc", "exp", "apply", "seed2"], one, env)
+    run(["dvc", "checkout", "--quiet"], one, env)
     model = _sha(one / "artifacts/merged/model.safetensors")
     assert model != _sha(root / "artifacts/merged/model.safetensors")
 
