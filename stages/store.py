@@ -141,12 +141,17 @@ def _port_free(port: int) -> bool:
             return False
 
 
+def _ephemeral_port() -> int:
+    """A port the kernel picks: a random start, so that parallel starts rarely probe the same ports."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def free_port_pair(start: int = 20000, taken: frozenset[int] = frozenset()) -> int:
     """A port p with p and p+10000 free and neither in `taken` (ports already chosen for another service):
     SeaweedFS puts each service's gRPC port at +10000."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        seed = s.getsockname()[1]
+    seed = _ephemeral_port()
     for offset in range(0, 25000, 7):
         p = start + (seed + offset) % 25000
         if p not in taken and p + 10000 not in taken and _port_free(p) and _port_free(p + 10000):

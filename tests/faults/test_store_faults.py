@@ -320,3 +320,14 @@ def test_dvc_push_cut_off_by_the_store_dying_leaves_no_partial_object_and_comple
         assert (clone / "weights.bin").read_bytes() == payload
     finally:
         proxy.close()
+
+
+def test_the_four_services_get_distinct_port_pairs_even_when_the_random_starts_line_up(tmp_path, monkeypatch):
+    """Each service probes from its own base plus a random start; two starts 1,000 apart used to land two
+    services on one port, and start() then failed with "port collision ...; retry"."""
+    starts = iter([5000, 4000, 3000, 2000])  # master 26000, volume 26000, filer 26000, s3 26000 before the fix
+    monkeypatch.setattr(store, "_ephemeral_port", lambda: next(starts))
+    monkeypatch.setattr(store, "_port_free", lambda port: True)
+    ports = store._choose_ports(tmp_path)
+    used = [p + d for p in ports.values() for d in (0, 10000)]  # each service's HTTP and gRPC port
+    assert len(set(used)) == len(used), ports
