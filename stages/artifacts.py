@@ -50,12 +50,18 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
+def file_digests(path: Path | str, *names: str, chunk: int = 1 << 20) -> dict[str, str]:
+    """Hex digests of a file under several hashlib algorithms (e.g. "sha256", "md5"), in one read."""
+    hashes = {name: hashlib.new(name) for name in names}
     with open(path, "rb") as f:
         while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+            for h in hashes.values():
+                h.update(block)
+    return {name: h.hexdigest() for name, h in hashes.items()}
+
+
+def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
+    return file_digests(path, "sha256", chunk=chunk)["sha256"]
 
 
 def directory_digest(files: dict[str, str]) -> str:

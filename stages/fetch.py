@@ -7,14 +7,14 @@ by the digest of its contents (names and file digests) and converted by the fami
 """
 from __future__ import annotations
 
-import hashlib
 import shutil
 import tempfile
 from pathlib import Path, PurePosixPath
 
 from stages import inputs, store
 from models import checkpoint, family as families
-from stages.artifacts import MANIFEST, artifact, directory_digest, input_ref, parse_manifest, sha256_file
+from stages.artifacts import (MANIFEST, artifact, directory_digest, file_digests, input_ref, parse_manifest,
+                              sha256_file)
 from stages.common import BASE, MODEL_FILE, TRAIN, WORK, StageError, log
 from stages.model_config import load
 from stages.params import BaseParams, ModelParams
@@ -63,13 +63,12 @@ def _convert_folder(source: str, folder: Path, dest: Path, digest: str, model_p:
                     extra={"imported_from": source, "folder_digest": digest})
 
 
-def _verify_import(source: str, dest: Path, imported: dict) -> None:
+def _verify_import(source: str, found: str | None, imported: dict) -> None:
     """A checkpoint `neon track` imported is pinned by its .dvc file (in git), which `dvc status` checks
-    against the source; here the copy is checked against it (a folder's DVC checks when it checks out)."""
+    against the source; here the copy's md5 `found` is checked against it (a folder's, None here, DVC checks
+    when it checks the folder out)."""
     pinned = str(imported.get("md5") or "")
-    if pinned and not pinned.endswith(".dir"):
-        with open(dest, "rb") as f:
-            found = hashlib.file_digest(f, "md5").hexdigest()
+    if found is not None and pinned and not pinned.endswith(".dir"):
         if found != pinned:
             raise StageError(f"{source} has md5 {found} but {imported['dvc_file']} pins {pinned}: run "
                              f"`dvc checkout {imported['dvc_file']}` (or `dvc update` it to take the source's change)")
@@ -137,10 +136,11 @@ def run(base_p: BaseParams, model_p: ModelParams) -> dict:
     beside = _manifest_beside(source)
     want = base_p.sha256 or (beside["files"][PurePosixPath(source).name] if beside else "")
     imported = inputs.imported_from(source) if base_p.checkpoint else None
+    pinned_by_dvc = bool(imported) and not want
 
-    def verify(dest: Path, digest: str) -> None:
-        if imported and not want:
-            _verify_import(source, dest, imported)
+    def verify(digest: str, md5: str | None) -> None:
+        if pinned_by_dvc:
+            _verify_import(source, md5, imported)
         else:
             _verify(source, digest, want)
 
@@ -152,12 +152,13 @@ def run(base_p: BaseParams, model_p: ModelParams) -> dict:
             with tempfile.TemporaryDirectory(dir=WORK) as tmp:
                 origin = _download_folder(source, Path(tmp) / "folder")
                 digest = origin.pop("digest")
-                verify(Path(tmp) / "folder", digest)
+                verify(digest, None)
                 _convert_folder(source, Path(tmp) / "folder", dest, digest, model_p)
         else:
             origin = _download(source, dest)
-            digest = sha256_file(dest)
-            verify(dest, digest)
+            digests = file_digests(dest, "sha256", *(["md5"] if pinned_by_dvc else []))
+            digest = digests["sha256"]
+            verify(digest, digests.get("md5"))
         _, family, config = load(dest, model_p)
         if not base_p.checkpoint:
             out.manifest["inputs"] = {"checkpoint": input_ref(TRAIN)}
@@ -170,7 +171,7 @@ def run(base_p: BaseParams, model_p: ModelParams) -> dict:
             out.manifest["inputs"] = {"checkpoint": ref}
         out.extra["checkpoint"] = {"sha256": digest, "source": source, "config": {"family": family.name, "config": config},
                                    **origin}
-    pin = f"pinned by {imported['dvc_file']}" if imported and not want else "verified"
+    pin = f"pinned by {imported['dvc_file']}" if pinned_by_dvc else "verified"
     log(f"[fetch] {source} -> {BASE / MODEL_FILE} (sha256 {digest[:16]}..., {pin})")
     if base_p.checkpoint and (note := inputs.untracked_note("base", source)):
         log(f"[fetch] {note}")

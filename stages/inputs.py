@@ -40,20 +40,15 @@ def tracked(root: Path | str = ".") -> dict[str, str]:
     return {role: str(entries.get(role) or placeholder(role)) for role in ROLES}
 
 
-def is_seen(role: str, source: str) -> bool:
-    """Whether `source` is (or lies in) the import that tracked.yaml names for `role`."""
-    if "://" in source:
-        return False
-    followed = tracked()[role]
-    return followed != placeholder(role) and Path(source).resolve().is_relative_to(Path(followed).resolve())
-
-
 def untracked_note(role: str, source: str) -> str | None:
-    """The log line for a source DVC does not follow, with the command that makes it followed; None when it is."""
-    if is_seen(role, source):
+    """The log line for a source DVC does not follow (one that is not, and does not lie in, the import
+    tracked.yaml names for `role`), with the command that makes it followed; None when it is followed."""
+    followed = tracked()[role]
+    if "://" not in source and followed != placeholder(role) and \
+            Path(source).resolve().is_relative_to(Path(followed).resolve()):
         return None
     name = PurePosixPath(source.rstrip("/")).name or "input"
-    return (f"note: DVC does not follow {source} ({TRACKED} names {tracked()[role]} for this stage), so a change "
+    return (f"note: DVC does not follow {source} ({TRACKED} names {followed} for this stage), so a change "
             f"there reruns nothing; track it with `neon track {role} {source}`, then {ROLES[role]}: "
             f"{folder(role)}/{name}")
 
